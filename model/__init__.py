@@ -1,0 +1,1 @@
+"""The plain (parallelism-free) structured GPT: config, structured linear family, model."""

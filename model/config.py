@@ -1,0 +1,117 @@
+"""Model configuration: the architecture and the structure of every projection.
+
+Only architecture lives here; parallel topology and training settings live in ``pretrain.config``.
+"""
+
+from dataclasses import dataclass, field, fields
+
+PROJECTIONS = ("q", "k", "v", "o", "up", "gate", "down")
+"""Every structured projection of a transformer block, by its name in the model."""
+
+PROJECTION_GROUPS = {"attn": ("q", "k", "v", "o"), "mlp": ("up", "gate", "down")}
+
+
+@dataclass
+class StructureSpec:
+    """Which structured linear layer a projection uses, and its hyper-parameters.
+
+    Only the fields that ``kind`` uses may be set; the registry rejects the others by name.
+    """
+
+    kind: str = "dense"
+    """Registered structure name: dense, lowrank, blockdiag, monarch, blast, blocksparse, nm, sparse_lowrank."""
+    rank: int | None = None
+    """lowrank/blast/sparse_lowrank: rank r of the factors; monarch: rank of each block pair (default 1)."""
+    blocks: int | None = None
+    """blockdiag/monarch/blast: number of blocks per dimension."""
+    block_size: int | None = None
+    """blocksparse: side of the square blocks the mask keeps or drops."""
+    density: float | None = None
+    """blocksparse/sparse_lowrank: fraction of (block) entries kept, in (0, 1]."""
+    n: int | None = None
+    """nm: entries kept in every group of m."""
+    m: int | None = None
+    """nm: group size along the input dimension."""
+    shuffle: bool | None = None
+    """blockdiag: interleave output channels across blocks (channel shuffle), so stacked layers mix blocks."""
+    decay: float | None = None
+    """nm: SR-STE decay applied to pruned weights in the backward pass."""
+
+    def params(self) -> dict:
+        """The hyper-parameters that are set, without ``kind``."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "kind"
+                and getattr(self, f.name) is not None}
+
+
+def _dense() -> dict[str, StructureSpec]:
+    return {"default": StructureSpec()}
+
+
+@dataclass
+class ModelConfig:
+    """Llama-style decoder architecture."""
+
+    vocab_size: int = 4096
+    """Tokenizer vocabulary size; must match the token store's tokenizer."""
+    d_model: int = 256
+    """Residual stream width."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Attention (query) heads; must divide d_model."""
+    n_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; None means n_heads. Must divide n_heads."""
+    d_ff: int = 688
+    """Hidden width of the SwiGLU MLP."""
+    max_seq_len: int = 256
+    """Longest sequence the RoPE tables cover."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = False
+    """Share the token embedding with the output head."""
+    init_std: float = 0.02
+    """Std of a dense projection at init; every structure matches the output variance of that dense layer."""
+    structure: dict[str, StructureSpec] = field(default_factory=_dense)
+    """Structure per projection. Keys: ``default``, a group (``attn``, ``mlp``) or a projection
+    (``q, k, v, o, up, gate, down``); the most specific key wins."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    def spec_for(self, proj: str) -> StructureSpec:
+        """Resolve the structure of projection ``proj`` (most specific key wins)."""
+        group = next(g for g, members in PROJECTION_GROUPS.items() if proj in members)
+        for key in (proj, group, "default"):
+            if key in self.structure:
+                return self.structure[key]
+        return StructureSpec()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field when the architecture is inconsistent."""
+        allowed = {"default", *PROJECTION_GROUPS, *PROJECTIONS}
+        for key in self.structure:
+            if key not in allowed:
+                raise ValueError(f"model.structure.{key}: unknown projection key; allowed: {sorted(allowed)}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be a positive integer")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model}; "
+                             f"allowed: {divisors(self.d_model)}")
+        if self.head_dim % 2:
+            raise ValueError(f"model.d_model / model.n_heads = {self.head_dim} must be even for RoPE")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}; "
+                             f"allowed: {divisors(self.n_heads)}")
+
+
+def divisors(n: int) -> list[int]:
+    """All positive divisors of ``n`` (used in error messages that list the allowed values)."""
+    return [d for d in range(1, n + 1) if n % d == 0]

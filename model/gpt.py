@@ -1,0 +1,195 @@
+"""Llama-style structured GPT: RMSNorm, RoPE, SwiGLU, grouped-query attention.
+
+Every projection (q, k, v, o, up, gate, down) is built by the structured registry from its own spec.
+The forward tolerates a missing embedding, final norm or head, so a pipeline stage is this model with
+modules deleted and parameter names stay stable. Local head counts are read off the projections' output
+sizes, so a tensor-parallel shard of q/k/v runs the same code.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.structured import StructuredLinear, StructureError, build_linear
+
+
+def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` of shape ``[max_seq_len, head_dim]`` (frequencies repeated over both halves)."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), inv_freq)  # [T, hd/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [T, hd]
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x[B, nh, T, hd]`` by position (the rotate-half convention of Llama)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def _build(cfg: ModelConfig, proj: str, in_features: int, out_features: int) -> StructuredLinear:
+    try:
+        return build_linear(cfg.spec_for(proj), in_features, out_features)
+    except StructureError as e:
+        raise StructureError(f"model.structure ({proj} projection, in={in_features}, out={out_features}): "
+                             f"{e}") from None
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, hd = cfg.d_model, cfg.head_dim
+        self.head_dim = hd
+        self.q = _build(cfg, "q", d, cfg.n_heads * hd)
+        self.k = _build(cfg, "k", d, cfg.kv_heads * hd)
+        self.v = _build(cfg, "v", d, cfg.kv_heads * hd)
+        self.o = _build(cfg, "o", cfg.n_heads * hd, d)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        hd = self.head_dim
+        q = self.q(x).view(bsz, seq, -1, hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k(x).view(bsz, seq, -1, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v(x).view(bsz, seq, -1, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        y = y.transpose(1, 2).reshape(bsz, seq, -1)  # (B, T, nh*hd)
+        return self.o(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = _build(cfg, "gate", cfg.d_model, cfg.d_ff)
+        self.up = _build(cfg, "up", cfg.d_model, cfg.d_ff)
+        self.down = _build(cfg, "down", cfg.d_ff, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))  # [B, T, d_ff] -> [B, T, d]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only language model over structured projections."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.norm: nn.RMSNorm | None = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    # -- init -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Initialise every weight from one seed, drawn on CPU over the full tensors in a fixed order.
+
+        Residual-output projections (o, down) are scaled by ``1/sqrt(2 n_layers)`` (GPT-2). Works after
+        ``to_empty`` from the meta device; also rebuilds the RoPE tables.
+        """
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(seed)
+        cos, sin = rope_tables(cfg)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        if self.tok_embeddings is not None:
+            w = self.tok_embeddings.weight
+            w.copy_(torch.randn(w.shape, generator=gen).mul_(cfg.init_std))
+        resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        for block in self.layers.values():
+            for name in ("q", "k", "v", "o"):
+                getattr(block.attn, name).reset_parameters(resid_std if name == "o" else cfg.init_std, gen)
+            for name in ("gate", "up", "down"):
+                getattr(block.mlp, name).reset_parameters(resid_std if name == "down" else cfg.init_std, gen)
+        for mod in self.modules():
+            if isinstance(mod, nn.RMSNorm):
+                mod.weight.fill_(1.0)
+        if self.output is not None and not cfg.tie_embeddings:
+            w = self.output.weight
+            w.copy_(torch.randn(w.shape, generator=gen).mul_(cfg.init_std))
+
+    # -- forward --------------------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, T, V]``, or the mean cross-entropy when ``targets`` is given.
+
+        ``tokens`` is ``[B, T]`` token ids, or hidden states ``[B, T, d]`` when this module has no embedding.
+        """
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # [B, T, d]
+        seq = h.shape[1]
+        if seq > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {seq} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        for block in self.layers.values():
+            h = block(h, cos, sin)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.output is None:
+            return h
+        logits = self.output(h)  # [B, T, V]
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    # -- accounting -----------------------------------------------------------------------------------
+    def structured_layers(self) -> dict[str, StructuredLinear]:
+        """Every structured projection by qualified name."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, StructuredLinear)}
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Effective parameter count: structured layers count their own (non-zeros for sparse kinds)."""
+        structured = self.structured_layers().values()
+        inside = {id(p) for m in structured for p in m.parameters()}
+        total = sum(m.num_params() for m in structured)
+        total += sum(p.numel() for p in self.parameters() if id(p) not in inside)
+        if exclude_embedding and self.tok_embeddings is not None:
+            total -= self.tok_embeddings.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int) -> dict[str, int]:
+        """Exact forward FLOPs per token at sequence length ``seq_len``, and training (3x forward).
+
+        Projections report their own counts; causal attention scores and the value mix cost
+        ``4 * d_attn * (T + 1) / 2`` per token and layer; the head ``2 d V``.
+        """
+        cfg = self.cfg
+        proj = sum(m.flops(1) for m in self.structured_layers().values())
+        attn = 0
+        for block in self.layers.values():
+            d_attn = block.attn.q.out_features
+            attn += 4 * d_attn * (seq_len + 1) // 2
+        head = 2 * cfg.d_model * cfg.vocab_size if self.output is not None else 0
+        forward = proj + attn + head
+        return {"projections": proj, "attention": attn, "head": head, "forward": forward, "train": 3 * forward}
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Optimizer groups: norms without weight decay, everything else with it."""
+        norm_ids = {id(p) for m in self.modules() if isinstance(m, nn.RMSNorm) for p in m.parameters()}
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (no_decay if id(p) in norm_ids else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

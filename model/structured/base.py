@@ -1,0 +1,129 @@
+"""The interface every structured linear layer implements, and what they share."""
+
+import abc
+from typing import ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from model.config import divisors
+
+
+class StructureError(ValueError):
+    """A structure spec that does not fit the layer it is asked to build."""
+
+
+@runtime_checkable
+class StructuredLinearProtocol(Protocol):
+    """Contract of the structured linear family: ``x[..., in] -> y[..., out]``."""
+
+    in_features: int
+    out_features: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def to_dense(self) -> torch.Tensor:
+        """The exact ``[out, in]`` matrix the layer applies (differentiable in the parameters)."""
+        ...
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor, **params) -> "StructuredLinearProtocol":
+        """Best structured approximation of ``w``; sets ``projection_error`` (relative Frobenius)."""
+        ...
+
+    def num_params(self) -> int:
+        """Effective trainable parameters (non-zeros for sparse kinds)."""
+        ...
+
+    def flops(self, tokens: int) -> int:
+        """Forward FLOPs (2 per multiply-add) to apply the layer to ``tokens`` rows."""
+        ...
+
+
+class StructuredLinear(nn.Module, abc.ABC):
+    """Shared base: construction checks, init scaling and the projection error.
+
+    Subclasses set ``name``, ``required`` and ``optional`` (spec field -> default) and implement
+    ``reset_parameters``, ``forward``, ``to_dense``, ``_fit`` (used by ``from_dense``), ``num_params``
+    and ``flops``.
+    """
+
+    name: ClassVar[str]
+    required: ClassVar[tuple[str, ...]] = ()
+    optional: ClassVar[dict[str, object]] = {}
+
+    projection_error: float | None = None
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+
+    # -- construction helpers ---------------------------------------------------------------------
+    @classmethod
+    def check_divides(cls, field: str, value: int, **dims: int) -> None:
+        """Raise ``StructureError`` unless ``value`` divides every named dimension."""
+        if value <= 0 or any(d % value for d in dims.values()):
+            common = set(divisors(next(iter(dims.values()))))
+            for d in dims.values():
+                common &= set(divisors(d))
+            shown = ", ".join(f"{k}={v}" for k, v in dims.items())
+            raise StructureError(f"{cls.name}.{field}={value} must divide {shown}; "
+                                 f"allowed: {sorted(common)}")
+
+    @classmethod
+    def check_range(cls, field: str, value, lo, hi, lo_open: bool = False) -> None:
+        ok = (value > lo if lo_open else value >= lo) and value <= hi
+        if not ok:
+            bracket = "(" if lo_open else "["
+            raise StructureError(f"{cls.name}.{field}={value} must lie in {bracket}{lo}, {hi}]")
+
+    @abc.abstractmethod
+    def reset_parameters(self, std: float, generator: torch.Generator | None = None) -> None:
+        """Initialise so the output variance equals that of a dense layer with entries ``N(0, std^2)``."""
+
+    @abc.abstractmethod
+    def to_dense(self) -> torch.Tensor:
+        """The exact ``[out, in]`` matrix the layer applies (differentiable in the parameters)."""
+
+    @abc.abstractmethod
+    def num_params(self) -> int:
+        """Effective trainable parameters (non-zeros for sparse kinds)."""
+
+    @abc.abstractmethod
+    def flops(self, tokens: int) -> int:
+        """Forward FLOPs (2 per multiply-add) for ``tokens`` rows."""
+
+    # -- from_dense -------------------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, w: torch.Tensor, **params) -> "StructuredLinear":
+        """Best structured approximation of ``w`` (``[out, in]``).
+
+        The returned layer carries ``projection_error = ||w - to_dense()||_F / ||w||_F``; it is exact (up to
+        float error) when ``w`` already has the structure.
+        """
+        out_f, in_f = w.shape
+        layer = cls(in_f, out_f, **params)
+        with torch.no_grad():
+            layer._fit(w.detach().to(torch.float64))
+            approx = layer.to_dense().to(torch.float64)
+            layer.projection_error = float((w.double() - approx).norm() / w.double().norm().clamp_min(1e-30))
+        return layer
+
+    @abc.abstractmethod
+    def _fit(self, w: torch.Tensor) -> None:
+        """Set the parameters to the structured approximation of ``w`` (float64, ``[out, in]``)."""
+
+    @staticmethod
+    def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src.to(dst.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, params={self.num_params()}"
+
+
+def normal_(t: torch.Tensor, std: float, generator: torch.Generator | None) -> torch.Tensor:
+    """In-place ``N(0, std^2)`` fill drawn from ``generator`` (on CPU, so every device draws the same)."""
+    with torch.no_grad():
+        t.copy_(torch.randn(t.shape, generator=generator, dtype=torch.float32).mul_(std))
+    return t

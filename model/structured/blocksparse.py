@@ -1,0 +1,69 @@
+"""Block-sparse projection: a dense weight under a mask of square blocks."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.structured.base import StructuredLinear, normal_
+
+
+class BlockSparseLinear(StructuredLinear):
+    """``W * expand(mask)`` with ``mask[out/bs, in/bs]`` keeping ``round(density * blocks)`` blocks.
+
+    The mask is a persistent buffer (saved with the model); sparsity schedules rewrite it. The initial
+    mask is drawn at random from the init generator; ``from_dense`` keeps the blocks of largest Frobenius
+    norm. ``num_params`` and ``flops`` count the kept blocks only.
+    """
+
+    name = "blocksparse"
+    required = ("block_size",)
+    optional = {"density": 0.5}
+
+    def __init__(self, in_features: int, out_features: int, block_size: int, density: float = 0.5):
+        super().__init__(in_features, out_features)
+        self.check_divides("block_size", block_size, in_features=in_features, out_features=out_features)
+        self.check_range("density", density, 0.0, 1.0, lo_open=True)
+        self.block_size, self.density = block_size, float(density)
+        grid = (out_features // block_size, in_features // block_size)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.register_buffer("mask", torch.ones(grid, dtype=torch.bool))
+
+    @property
+    def kept_blocks(self) -> int:
+        return max(1, round(self.density * self.mask.numel()))
+
+    def _mask_from_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        keep = scores.flatten().topk(self.kept_blocks).indices
+        return torch.zeros(self.mask.numel(), dtype=torch.bool).index_fill_(0, keep, True).view(self.mask.shape)
+
+    def reset_parameters(self, std, generator=None):
+        scores = torch.rand(self.mask.shape, generator=generator)
+        self.mask.copy_(self._mask_from_scores(scores))
+        # Only kept entries contribute: scale by 1/sqrt(kept fraction) to keep the output variance.
+        normal_(self.weight, std / math.sqrt(self.kept_blocks / self.mask.numel()), generator)
+
+    def dense_mask(self) -> torch.Tensor:
+        """The mask expanded to ``[out, in]``."""
+        bs = self.block_size
+        return self.mask.repeat_interleave(bs, 0).repeat_interleave(bs, 1)
+
+    def forward(self, x):
+        return F.linear(x, self.to_dense())
+
+    def to_dense(self):
+        return self.weight * self.dense_mask()
+
+    def _fit(self, w):
+        bs = self.block_size
+        go, gi = self.mask.shape
+        scores = w.reshape(go, bs, gi, bs).pow(2).sum(dim=(1, 3))
+        self.mask.copy_(self._mask_from_scores(scores))
+        self._copy(self.weight, w)
+
+    def num_params(self):
+        return int(self.mask.sum()) * self.block_size**2
+
+    def flops(self, tokens):
+        return 2 * tokens * self.num_params()

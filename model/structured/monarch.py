@@ -1,0 +1,71 @@
+"""Monarch projection (Dao et al., 2022): two block-diagonal factors around a stride permutation."""
+
+import math
+
+import torch
+from torch import nn
+
+from kernels.monarch import monarch_matmul
+from model.structured.base import StructuredLinear, normal_
+
+
+class MonarchLinear(StructuredLinear):
+    """``M = P_out L P_mid R`` with ``R[nb, c*nb, in/nb]`` and ``L[nb, out/nb, c*nb]``.
+
+    ``rank`` c is the rank of every (output block, input block) sub-matrix of M (c = 1 is the classic
+    Monarch matrix, ``2 n sqrt(n)`` parameters for ``nb = sqrt(n)``). ``from_dense`` is the closed-form
+    projection: a rank-c SVD of each of the ``nb^2`` sub-matrices.
+    """
+
+    name = "monarch"
+    required = ("blocks",)
+    optional = {"rank": 1}
+
+    def __init__(self, in_features: int, out_features: int, blocks: int, rank: int = 1):
+        super().__init__(in_features, out_features)
+        self.check_divides("blocks", blocks, in_features=in_features, out_features=out_features)
+        nb = blocks
+        self.check_range("rank", rank, 1, min(in_features, out_features) // nb)
+        self.blocks, self.rank = nb, rank
+        hidden = rank * nb  # per block
+        self.r = nn.Parameter(torch.empty(nb, hidden, in_features // nb))
+        self.l = nn.Parameter(torch.empty(nb, out_features // nb, hidden))
+
+    def reset_parameters(self, std, generator=None):
+        # R keeps unit variance (fan-in in/nb); each output sums c*nb hidden units:
+        # c*nb * sl^2 = in * std^2  =>  sl = std * sqrt(in / (c*nb)).
+        normal_(self.r, 1.0 / math.sqrt(self.in_features // self.blocks), generator)
+        normal_(self.l, std * math.sqrt(self.in_features / (self.rank * self.blocks)), generator)
+
+    def forward(self, x):
+        return monarch_matmul(x, self.r, self.l)
+
+    def _sub_blocks_to_dense(self, sub: torch.Tensor) -> torch.Tensor:
+        """``sub[l, k, s, p]`` (output block l, input block k) -> ``[out, in]`` with row ``s*nb + l``."""
+        nb = self.blocks
+        return sub.permute(2, 0, 1, 3).reshape(self.out_features, self.in_features)
+
+    def to_dense(self):
+        nb, c = self.blocks, self.rank
+        s_dim, p_dim = self.out_features // nb, self.in_features // nb
+        l4 = self.l.reshape(nb, s_dim, nb, c)  # [l, s, k, t]: hidden column r = k*c + t
+        r4 = self.r.reshape(nb, c, nb, p_dim)  # [k, t, l, p]: hidden row q = t*nb + l
+        sub = torch.einsum("lskt,ktlp->lksp", l4, r4)  # [l, k, s, p]
+        return self._sub_blocks_to_dense(sub)
+
+    def _fit(self, w):
+        nb, c = self.blocks, self.rank
+        s_dim, p_dim = self.out_features // nb, self.in_features // nb
+        sub = w.reshape(s_dim, nb, nb, p_dim).permute(1, 2, 0, 3)  # [l, k, s, p]
+        uu, sv, vh = torch.linalg.svd(sub, full_matrices=False)  # [l,k,s,x], [l,k,x], [l,k,x,p]
+        root = sv[..., :c].sqrt()
+        left = uu[..., :c] * root[..., None, :]  # [l, k, s, t]
+        right = root[..., :, None] * vh[..., :c, :]  # [l, k, t, p]
+        self._copy(self.l, left.permute(0, 2, 1, 3).reshape(self.l.shape))  # [l, s, k, t]
+        self._copy(self.r, right.permute(1, 2, 0, 3).reshape(self.r.shape))  # [k, t, l, p]
+
+    def num_params(self):
+        return self.r.numel() + self.l.numel()
+
+    def flops(self, tokens):
+        return 2 * tokens * self.num_params()
