@@ -51,8 +51,8 @@ def _dense() -> dict[str, StructureSpec]:
 class ModelConfig:
     """Llama-style decoder architecture."""
 
-    vocab_size: int = 4096
-    """Tokenizer vocabulary size; must match the token store's tokenizer."""
+    vocab_size: int | None = None
+    """Vocabulary size; None takes it from the token store's tokenizer (the resolved config records it)."""
     d_model: int = 256
     """Residual stream width."""
     n_layers: int = 4
@@ -99,6 +99,8 @@ class ModelConfig:
         for key in self.structure:
             if key not in allowed:
                 raise ValueError(f"model.structure.{key}: unknown projection key; allowed: {sorted(allowed)}")
+        if self.vocab_size is None:
+            raise ValueError("model.vocab_size is not set (the trainer fills it from the token store)")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be a positive integer")

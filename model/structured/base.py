@@ -103,7 +103,7 @@ class StructuredLinear(nn.Module, abc.ABC):
         float error) when ``w`` already has the structure.
         """
         out_f, in_f = w.shape
-        layer = cls(in_f, out_f, **params)
+        layer = cls(in_f, out_f, **params).to(device=w.device, dtype=w.dtype)
         with torch.no_grad():
             layer._fit(w.detach().to(torch.float64))
             approx = layer.to_dense().to(torch.float64)

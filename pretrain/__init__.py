@@ -1,0 +1,1 @@
+"""Training: config tree, data, optimizers, schedules, checkpoints, metrics and the loop."""

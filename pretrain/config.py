@@ -1,0 +1,303 @@
+"""The typed config tree: YAML file, then ``--set a.b=c`` overrides, then validation.
+
+Every section is a dataclass with a docstring per field. Unknown keys, wrong types and values outside
+their allowed set stop the run before any work with a message that names the dotted field.
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from model.config import ModelConfig, StructureSpec
+from model.structured import StructureError, spec_params
+
+
+class UserError(Exception):
+    """A mistake in the user's input (config, data path, checkpoint): reported without a traceback."""
+
+
+class ConfigError(UserError):
+    """An invalid config value; the message names the dotted field and what is allowed."""
+
+
+@dataclass
+class DataConfig:
+    """Token stores and how windows are drawn from them."""
+
+    paths: list[str] = field(default_factory=lambda: ["data/stdlib"])
+    """Token stores written by ``tools/prepare_data.py`` (zarr directories)."""
+    weights: list[float] | None = None
+    """Blend weights, one per path (normalised); None weighs stores equally."""
+    seq_len: int = 128
+    """Tokens per training sequence."""
+    val_fraction: float = 0.05
+    """Fraction of each store's documents (the tail, cut at a document boundary) held out for validation."""
+    seed: int = 1234
+    """Seed of the window permutation (one permutation per epoch)."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    name: Literal["adamw"] = "adamw"
+    """Optimizer."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr``."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (not applied to norms)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """LR shape after warmup: cosine decay, warmup-stable-decay, or constant."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    decay_fraction: float = 0.2
+    """wsd: fraction of training spent in the final linear decay."""
+
+
+@dataclass
+class TrainConfig:
+    """The loop."""
+
+    steps: int = 300
+    """Optimizer steps of the whole run (the schedule's horizon)."""
+    global_batch: int = 16
+    """Sequences per optimizer step."""
+    micro_batch: int = 16
+    """Sequences per forward pass; ``global_batch / micro_batch`` gradient-accumulation steps."""
+    eval_interval: int = 50
+    """Validate every this many steps (and at the end)."""
+    eval_batches: int = 4
+    """Micro-batches of validation data per evaluation."""
+    exit_after_steps: int | None = None
+    """Stop this process after this many steps (checkpointing first), e.g. to fit a job time limit;
+    the schedule still targets ``steps`` and ``--resume auto`` continues."""
+    seed: int = 0
+    """Seed of the model initialisation."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train; auto picks CUDA when present."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Autocast precision: auto is bf16 on CUDA, fp32 on CPU."""
+    out_dir: str = "runs/tiny-cpu"
+    """Run directory: checkpoints/, tb/ (TensorBoard), metrics.jsonl, config.yaml."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Sharded checkpoints with torch.distributed.checkpoint."""
+
+    interval: int = 100
+    """Save every this many steps (and at the end); 0 saves only at the end."""
+    keep: int = 2
+    """Keep the newest this many step directories; 0 keeps all."""
+    resume: str = "none"
+    """``none`` (refuses a run directory that already has checkpoints), ``auto`` (newest, if any), or a
+    step directory path."""
+
+
+@dataclass
+class LogConfig:
+    """Metrics and progress."""
+
+    interval: int = 10
+    """Write scalars every this many steps."""
+    progress: bool = True
+    """Show a progress bar."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under ``out_dir/tb``."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s for MFU; None: known GPU table on CUDA, measured fp32 matmul throughput on CPU."""
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> None:
+        """Cross-field checks; raises ``ConfigError`` naming the fields."""
+        t, d, o = self.train, self.data, self.optim
+        positive = {"train.steps": t.steps, "train.global_batch": t.global_batch,
+                    "train.micro_batch": t.micro_batch, "train.eval_interval": t.eval_interval,
+                    "train.eval_batches": t.eval_batches, "data.seq_len": d.seq_len, "log.interval": self.log.interval}
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{name}={value} must be a positive integer")
+        if t.global_batch % t.micro_batch:
+            raise ConfigError(f"train.micro_batch={t.micro_batch} must divide train.global_batch={t.global_batch}")
+        if d.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if not 0.0 < d.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={d.val_fraction} must lie in (0, 1)")
+        if not d.paths:
+            raise ConfigError("data.paths is empty; give at least one token store")
+        if d.weights is not None and (len(d.weights) != len(d.paths) or min(d.weights) < 0 or sum(d.weights) <= 0):
+            raise ConfigError(f"data.weights={d.weights} needs one non-negative weight per data.paths entry "
+                              f"({len(d.paths)}), not all zero")
+        if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+            raise ConfigError(f"optim.betas={o.betas} must be two numbers in [0, 1)")
+        for name in ("lr", "eps"):
+            if getattr(o, name) <= 0:
+                raise ConfigError(f"optim.{name}={getattr(o, name)} must be > 0")
+        for name in ("min_lr_ratio", "decay_fraction"):
+            if not 0.0 <= getattr(o, name) <= 1.0:
+                raise ConfigError(f"optim.{name}={getattr(o, name)} must lie in [0, 1]")
+        if o.warmup_steps < 0 or o.weight_decay < 0 or o.grad_clip < 0:
+            raise ConfigError("optim.warmup_steps, optim.weight_decay and optim.grad_clip must be >= 0")
+        if self.checkpoint.interval < 0 or self.checkpoint.keep < 0:
+            raise ConfigError("checkpoint.interval and checkpoint.keep must be >= 0")
+        if t.exit_after_steps is not None and t.exit_after_steps <= 0:
+            raise ConfigError(f"train.exit_after_steps={t.exit_after_steps} must be a positive integer or null")
+        if self.model.vocab_size is not None:
+            try:
+                self.model.validate()
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        for key, spec in self.model.structure.items():
+            try:
+                spec_params(spec)
+            except StructureError as e:
+                raise ConfigError(f"model.structure.{key}: {e}") from None
+
+
+# -- generic dataclass <-> dict -----------------------------------------------------------------------
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ConfigError(f"{path}: null is not allowed; expected {_type_name(tp)}")
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {_type_name(tp)}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{path}={value!r} is not allowed; allowed: {list(allowed)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}={value!r} must be a list")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}={value!r} must be a mapping")
+        _, item = typing.get_args(tp)
+        return {str(k): _convert(v, item, f"{path}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}={value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}={value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}={value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}={value!r} must be a string")
+        return value
+    raise TypeError(f"{path}: unsupported config type {tp}")
+
+
+def from_dict(cls, data: Any, path: str = ""):
+    """Build dataclass ``cls`` from a (YAML) mapping, checking keys and types; errors name the dotted path."""
+    where = path or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of fields, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(f"{path + '.' if path else ''}{key}: unknown key; allowed: {names}")
+    kwargs = {k: _convert(v, hints[k], f"{path + '.' if path else ''}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict of a config (for YAML dumps and comparisons)."""
+    return dataclasses.asdict(cfg)
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override to a raw config dict; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key.path=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {assignment!r}: empty key segment")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML recipe, apply dotted overrides, and validate."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config {p}: no such file")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {p}: not valid YAML: {e}") from None
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    cfg = from_dict(Config, raw)
+    cfg.validate()
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (loadable by ``load_config``)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+__all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "LogConfig", "ModelConfig", "OptimConfig",
+           "StructureSpec", "TrainConfig", "UserError", "apply_override", "dump_config", "from_dict", "load_config",
+           "to_dict"]

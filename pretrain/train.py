@@ -1,0 +1,222 @@
+"""Train a structured GPT.
+
+Usage:
+    python -m pretrain.train --config configs/tiny-cpu.yaml
+    python -m pretrain.train --config configs/tiny-cpu.yaml --set model.structure.mlp.kind=blast \\
+        --set model.structure.mlp.blocks=4 --set model.structure.mlp.rank=32 --set train.steps=500
+    python -m pretrain.train --config configs/tiny-cpu.yaml --resume auto
+
+The run directory ``train.out_dir`` receives ``config.yaml`` (resolved), ``checkpoints/``, ``tb/``
+(TensorBoard) and ``metrics.jsonl``. Bad input stops before training with exit code 2.
+"""
+
+import argparse
+import contextlib
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from model.config import ModelConfig
+from model.gpt import GPT
+from model.structured import StructureError
+from pretrain.checkpoint import CheckpointError, Checkpointer, resolve_step_dir
+from pretrain.config import Config, ConfigError, UserError, dump_config, load_config, to_dict
+from pretrain.data import Corpus
+from pretrain.metrics import Metrics, peak_tflops
+from pretrain.optim import build_optimizer
+from pretrain.schedules import lr_at
+
+
+def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> GPT:
+    """Build on ``meta``, materialise on ``device``, initialise every weight from ``seed``."""
+    try:
+        with torch.device("meta"):
+            model = GPT(cfg)
+    except (StructureError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available; allowed here: auto, cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    """Owns the model, optimizer, data streams, checkpoints and metrics of one run."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.train.device)
+        self.out = Path(cfg.train.out_dir)
+        self.corpus = Corpus(cfg.data)
+        if cfg.model.vocab_size is None:
+            cfg.model.vocab_size = self.corpus.vocab_size
+        elif cfg.model.vocab_size < self.corpus.vocab_size:
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer vocabulary "
+                              f"{self.corpus.vocab_size} of data.paths[0]; set it >= {self.corpus.vocab_size} or null")
+        self.model = build_model(cfg.model, self.device, cfg.train.seed)
+        self.optimizer = build_optimizer(cfg.optim, self.model)
+        self.ckpt = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep)
+        self.step, self.consumed = 0, 0
+        self._resume()
+        precision = cfg.train.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if precision == "bf16"
+                         else contextlib.nullcontext())
+        self._stop_signal = False
+
+    # -- resume -----------------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        mode = self.cfg.checkpoint.resume
+        if mode == "none":
+            latest = self.ckpt.latest()
+            if latest is not None:
+                raise CheckpointError(f"train.out_dir={self.out} already holds checkpoints (newest {latest.name}); "
+                                      "pass --resume auto to continue that run, or choose another train.out_dir")
+            return
+        path = self.ckpt.latest() if mode == "auto" else resolve_step_dir(mode)
+        if path is None:
+            return
+        meta = self.ckpt.load(path, self.model, self.optimizer, to_dict(self.cfg.model))
+        self.step, self.consumed = int(meta["step"]), int(meta["consumed_samples"])
+        print(f"resumed from {path} at step {self.step} ({self.consumed:,} samples consumed)", file=sys.stderr)
+
+    # -- pieces of the loop ---------------------------------------------------------------------------
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over ``global_batch`` sequences; returns (mean loss, grad norm)."""
+        t = self.cfg.train
+        accum = t.global_batch // t.micro_batch
+        total = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            x, y = self.corpus.train.batch(self.consumed + micro * t.micro_batch, t.micro_batch)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.autocast:
+                loss = self.model(x, y)
+            (loss / accum).backward()
+            total += loss.detach()
+        clip = self.cfg.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.consumed += t.global_batch
+        self.step += 1
+        return float(total) / accum, float(norm)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the first ``eval_batches`` micro-batches of the validation stream."""
+        t = self.cfg.train
+        self.model.eval()
+        losses = []
+        for i in range(t.eval_batches):
+            x, y = self.corpus.val.batch(i * t.micro_batch, t.micro_batch)
+            with self.autocast:
+                losses.append(float(self.model(x.to(self.device), y.to(self.device))))
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    def save(self) -> Path:
+        meta = {"consumed_samples": self.consumed, "config": to_dict(self.cfg)}
+        files = {"config.yaml": dump_config(self.cfg), "tokenizer.model": self.corpus.tokenizer_model}
+        return self.ckpt.save(self.step, self.model, self.optimizer, meta, files)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = True
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train to ``train.steps`` (or ``exit_after_steps`` / SIGTERM); returns the last metrics."""
+        cfg, t = self.cfg, self.cfg.train
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(dump_config(cfg))
+        flops = self.model.flops_per_token(cfg.data.seq_len)
+        peak = peak_tflops(self.device, cfg.log.peak_tflops)
+        params = self.model.num_params()
+        metrics = Metrics(self.out, t.steps, self.step, cfg.log.progress, cfg.log.tensorboard)
+        metrics.write(f"model: {params:,} parameters, {flops['forward']:,} forward FLOPs/token; "
+                      f"data: {self.corpus.describe()}; device {self.device}")
+        previous = signal.signal(signal.SIGTERM, self._on_signal)
+        last: dict = {}
+        try:
+            if self.step == 0:
+                last["val/loss"] = self.evaluate()
+                metrics.log(0, {"val/loss": last["val/loss"], "model/params": params,
+                                "model/flops_per_token": flops["forward"]})
+            ran = 0
+            tokens_per_step = t.global_batch * cfg.data.seq_len
+            while self.step < t.steps:
+                lr = lr_at(self.step, t.steps, cfg.optim)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                start = time.perf_counter()
+                loss, grad_norm = self.train_step()
+                elapsed = time.perf_counter() - start
+                ran += 1
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss} at step {self.step}; lower optim.lr or raise "
+                                             "optim.warmup_steps (no checkpoint written for this step)")
+                tok_s = tokens_per_step / elapsed
+                tflops = flops["train"] * tok_s / 1e12
+                last = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                        "perf/tokens_per_s": tok_s, "perf/tflops": tflops}
+                if peak:
+                    last["perf/mfu"] = tflops / peak
+                if self.device.type == "cuda":
+                    last["perf/max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                if self.step % t.eval_interval == 0 or self.step == t.steps:
+                    last["val/loss"] = self.evaluate()
+                    metrics.write(f"step {self.step}: val loss {last['val/loss']:.4f}")
+                if self.step % cfg.log.interval == 0 or "val/loss" in last or self.step == t.steps:
+                    metrics.log(self.step, last)
+                metrics.advance(self.step, {"loss": f"{loss:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"})
+                interval = cfg.checkpoint.interval
+                stopping = (self._stop_signal or (t.exit_after_steps is not None and ran >= t.exit_after_steps))
+                if self.step == t.steps or stopping or (interval and self.step % interval == 0):
+                    path = self.save()
+                    metrics.write(f"saved {path}")
+                if stopping:
+                    metrics.write(f"stopping at step {self.step} of {t.steps}; continue with --resume auto")
+                    break
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            metrics.close()
+        return {"step": self.step, **last}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="YAML recipe (default: built-in tiny-cpu defaults)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help="override one config field (repeatable); the value is parsed as YAML")
+    ap.add_argument("--resume", help="none | auto | path of a step directory (overrides checkpoint.resume)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    try:
+        cfg = load_config(args.config, overrides)
+        trainer = Trainer(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = trainer.fit()
+    summary = ", ".join(f"{k}={v:.4g}" for k, v in result.items() if k in ("train/loss", "val/loss"))
+    print(f"done at step {result['step']}: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

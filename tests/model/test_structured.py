@@ -1,0 +1,144 @@
+"""The structured linear family against its dense reference."""
+
+import math
+
+import pytest
+import torch
+
+from model.config import StructureSpec as S
+from model.structured import REGISTRY, StructureError, build_linear, structure_class
+
+SHAPES = [(32, 64), (64, 32), (96, 96)]
+
+# (spec, hand-computed parameter count as a function of (in, out))
+CASES = [
+    (S("dense"), lambda i, o: i * o),
+    (S("lowrank", rank=8), lambda i, o: 8 * (i + o)),
+    (S("blockdiag", blocks=4), lambda i, o: i * o // 4),
+    (S("blockdiag", blocks=4, shuffle=True), lambda i, o: i * o // 4),
+    (S("monarch", blocks=4), lambda i, o: 4 * (i + o)),
+    (S("monarch", blocks=4, rank=2), lambda i, o: 2 * 4 * (i + o)),
+    (S("blast", blocks=4, rank=6), lambda i, o: 6 * (i + o + 16)),
+    (S("blocksparse", block_size=8, density=0.5), lambda i, o: round(0.5 * (i // 8) * (o // 8)) * 64),
+    (S("nm", n=2, m=4), lambda i, o: i * o // 2),
+    (S("nm", n=1, m=8), lambda i, o: i * o // 8),
+    (S("sparse_lowrank", rank=4, density=0.05), lambda i, o: 4 * (i + o) + round(0.05 * i * o)),
+]
+IDS = [f"{s.kind}-{'-'.join(f'{k}{v}' for k, v in s.params().items())}" for s, _ in CASES]
+
+
+def make(spec, i, o, seed=0, std=0.02):
+    layer = build_linear(spec, i, o).double()
+    layer.reset_parameters(std, torch.Generator().manual_seed(seed))
+    return layer
+
+
+def test_every_registered_structure_is_covered():
+    assert {s.kind for s, _ in CASES} == set(REGISTRY)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("spec,count", CASES, ids=IDS)
+def test_forward_and_gradients_match_dense_reference(spec, count, shape):
+    i, o = shape
+    layer = make(spec, i, o)
+    x = torch.randn(2, 3, i, dtype=torch.double, requires_grad=True)
+    gy = torch.randn(2, 3, o, dtype=torch.double)
+
+    y = layer(x)
+    grads = torch.autograd.grad((y * gy).sum(), [x, *layer.parameters()])
+    dense = layer.to_dense()
+    assert dense.shape == (o, i)
+    y_ref = x @ dense.t()
+    grads_ref = torch.autograd.grad((y_ref * gy).sum(), [x, *layer.parameters()])
+
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("spec,count", CASES, ids=IDS)
+def test_from_dense_round_trips_structured_matrices(spec, count, shape):
+    i, o = shape
+    dense = make(spec, i, o, seed=1).to_dense().detach()
+    fitted = structure_class(spec.kind).from_dense(dense, **spec.params())
+    assert fitted.projection_error < 1e-6
+    torch.testing.assert_close(fitted.to_dense(), dense, rtol=0, atol=1e-6 * dense.abs().max().item())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("spec,count", CASES, ids=IDS)
+def test_param_and_flop_counts_match_formulas(spec, count, shape):
+    i, o = shape
+    layer = make(spec, i, o)
+    assert layer.num_params() == count(i, o)
+    assert layer.flops(7) == 2 * 7 * count(i, o)
+
+
+@pytest.mark.parametrize("spec,count", CASES, ids=IDS)
+def test_init_output_variance_matches_dense(spec, count):
+    i, o, std = 256, 256, 0.02
+    x = torch.randn(2048, i, dtype=torch.double, generator=torch.Generator().manual_seed(3))
+    ratios = [make(spec, i, o, seed=s, std=std)(x).var().item() / (i * std**2) for s in range(3)]
+    assert 0.8 < sum(ratios) / len(ratios) < 1.25, ratios
+
+
+def test_from_dense_reports_error_of_a_general_matrix():
+    w = torch.randn(48, 64, dtype=torch.double, generator=torch.Generator().manual_seed(0))
+    layer = structure_class("lowrank").from_dense(w, rank=10)
+    sv = torch.linalg.svdvals(w)
+    expected = (sv[10:].pow(2).sum().sqrt() / sv.pow(2).sum().sqrt()).item()  # Eckart-Young
+    assert layer.projection_error == pytest.approx(expected, rel=1e-9)
+    for kind, params in [("blockdiag", {"blocks": 4}), ("monarch", {"blocks": 4}), ("blast", {"blocks": 4, "rank": 4}),
+                         ("blocksparse", {"block_size": 8, "density": 0.25}), ("nm", {}),
+                         ("sparse_lowrank", {"rank": 4, "density": 0.1})]:
+        err = structure_class(kind).from_dense(w, **params).projection_error
+        assert 0.05 < err < 1.0, (kind, err)
+
+
+def test_blockdiag_projection_keeps_diagonal_blocks():
+    w = torch.randn(32, 32, dtype=torch.double)
+    fitted = structure_class("blockdiag").from_dense(w, blocks=4)
+    mask = torch.block_diag(*[torch.ones(8, 8, dtype=torch.double)] * 4)
+    torch.testing.assert_close(fitted.to_dense(), w * mask)
+
+
+def test_nm_mask_keeps_n_of_every_m():
+    layer = make(S("nm", n=2, m=4), 64, 16)
+    nz = (layer.to_dense() != 0).reshape(16, 16, 4).sum(-1)
+    assert (nz == 2).all()
+
+
+def test_nm_srste_decays_pruned_weights():
+    layer = make(S("nm", n=2, m=4, decay=0.1), 8, 4)
+    x = torch.zeros(1, 8, dtype=torch.double)
+    layer(x).sum().backward()  # zero data gradient: only the SR-STE term remains
+    dense = layer.to_dense().detach()
+    pruned = dense == 0
+    torch.testing.assert_close(layer.weight.grad[pruned], 0.1 * layer.weight.detach()[pruned])
+    assert (layer.weight.grad[~pruned] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "spec,shape,match",
+    [
+        (S("blockdiag", blocks=5), (64, 64), r"blockdiag.blocks=5 must divide in_features=64.*allowed: \[1, 2, 4"),
+        (S("monarch", blocks=3), (64, 96), r"monarch.blocks=3 must divide"),
+        (S("blast", blocks=4, rank=0), (64, 64), r"blast.rank=0 must lie in"),
+        (S("lowrank", rank=100), (64, 32), r"lowrank.rank=100 must lie in \[1, 32\]"),
+        (S("blocksparse", block_size=8, density=1.5), (64, 64), r"density=1.5"),
+        (S("nm", n=3, m=5), (64, 64), r"nm.m=5 must divide"),
+        (S("lowrank"), (64, 64), r"required field\(s\) \['rank'\]"),
+        (S("dense", rank=4), (64, 64), r"\['rank'\] do not apply"),
+        (S("butterfly"), (64, 64), r"'butterfly' is not a registered structure; allowed: \["),
+    ],
+)
+def test_bad_specs_name_field_and_allowed_values(spec, shape, match):
+    with pytest.raises(StructureError, match=match):
+        build_linear(spec, *shape)
+
+
+def test_monarch_square_classic_parameter_count():
+    layer = make(S("monarch", blocks=16), 256, 256)
+    assert layer.num_params() == 2 * 256 * int(math.sqrt(256))
