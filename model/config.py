@@ -93,15 +93,20 @@ class ModelConfig:
                 return self.structure[key]
         return StructureSpec()
 
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the field when the architecture is inconsistent."""
+    def validate(self, require_vocab: bool = True) -> None:
+        """Raise ``ValueError`` naming the field when the architecture is inconsistent.
+
+        ``require_vocab=False`` accepts ``vocab_size=None`` (filled in later from the token store).
+        """
         allowed = {"default", *PROJECTION_GROUPS, *PROJECTIONS}
         for key in self.structure:
             if key not in allowed:
                 raise ValueError(f"model.structure.{key}: unknown projection key; allowed: {sorted(allowed)}")
-        if self.vocab_size is None:
+        if self.vocab_size is None and require_vocab:
             raise ValueError("model.vocab_size is not set (the trainer fills it from the token store)")
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+        if self.vocab_size is not None and self.vocab_size <= 0:
+            raise ValueError(f"model.vocab_size={self.vocab_size} must be a positive integer")
+        for name in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be a positive integer")
         if self.d_model % self.n_heads:

@@ -113,6 +113,8 @@ class GPT(nn.Module):
         """
         cfg = self.cfg
         gen = torch.Generator().manual_seed(seed)
+        if cfg.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
+            self.output.weight = self.tok_embeddings.weight  # to_empty() from meta unties shared parameters
         cos, sin = rope_tables(cfg)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)

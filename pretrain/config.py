@@ -166,11 +166,10 @@ class Config:
             raise ConfigError("checkpoint.interval and checkpoint.keep must be >= 0")
         if t.exit_after_steps is not None and t.exit_after_steps <= 0:
             raise ConfigError(f"train.exit_after_steps={t.exit_after_steps} must be a positive integer or null")
-        if self.model.vocab_size is not None:
-            try:
-                self.model.validate()
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
+        try:
+            self.model.validate(require_vocab=False)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         for key, spec in self.model.structure.items():
             try:
                 spec_params(spec)
@@ -227,6 +226,11 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}={value!r} must be an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{path}={value!r} must be a number")
         return float(value)

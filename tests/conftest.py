@@ -1,0 +1,45 @@
+"""Shared fixtures: a small token store from the standard library's sources, tiny configs."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tools.prepare_data import main as prepare_main
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory) -> Path:
+    """A token store of 150 standard-library modules with a 512-piece tokenizer (built once per session)."""
+    out = tmp_path_factory.mktemp("data") / "stdlib"
+    assert prepare_main(["--out", str(out), "--max-docs", "150", "--vocab-size", "512", "--num-proc", "1"]) == 0
+    return out
+
+
+def tiny_overrides(store: Path, out_dir: Path, **extra) -> list[str]:
+    """``--set`` overrides turning configs/tiny-cpu.yaml into a seconds-long test run."""
+    base = {
+        "data.paths": f"[{store}]", "data.seq_len": 64, "model.max_seq_len": 64, "model.d_model": 64,
+        "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 2, "model.d_ff": 192,
+        "model.structure": "{default: {kind: dense}}", "train.global_batch": 8, "train.micro_batch": 4,
+        "train.steps": 20, "train.eval_interval": 10, "train.eval_batches": 2, "train.out_dir": str(out_dir),
+        "optim.warmup_steps": 5, "checkpoint.interval": 10, "log.interval": 1, "log.progress": "false",
+        "log.tensorboard": "false", "log.peak_tflops": 1.0,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture
+def tiny_args(tiny_store, tmp_path):
+    """Build CLI arguments for a tiny run in a fresh directory: ``tiny_args(**overrides)``."""
+
+    def make(out_dir: Path | None = None, **extra) -> list[str]:
+        args = ["--config", str(Path(__file__).parents[1] / "configs" / "tiny-cpu.yaml")]
+        for o in tiny_overrides(tiny_store, out_dir or tmp_path / "run", **extra):
+            args += ["--set", o]
+        return args
+
+    return make
