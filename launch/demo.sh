@@ -20,5 +20,5 @@ python -m pretrain.train "${common[@]}"
 echo "== export to a Hugging Face LlamaForCausalLM (logits verified against ours)"
 python tools/convert_to_hf.py --checkpoint "$RUN/checkpoints" --out "$RUN/hf" --overwrite
 echo "== generate with vanilla transformers"
-python tools/hf_generate.py --model "$RUN/hf" --prompt "def " --max-new-tokens 48
+python tools/hf_generate.py --model "$RUN/hf" --prompt "def " --max-new-tokens 48 --temperature 0.8
 echo "== TensorBoard: tensorboard --logdir $RUN/tb"

@@ -1,6 +1,7 @@
 """TensorBoard scalars, a JSON-lines log, throughput and MFU, and the progress bar."""
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -45,7 +46,8 @@ class Metrics:
 
             self._tb = SummaryWriter(str(out_dir / "tb"))
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-                         disable=not progress, dynamic_ncols=True)
+                         disable=not progress, dynamic_ncols=True,
+                         mininterval=0.1 if sys.stderr.isatty() else 5.0)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         """Record scalars for ``step`` (tags like ``train/loss``)."""

@@ -23,7 +23,7 @@ import torch
 from model.config import ModelConfig
 from model.gpt import GPT
 from model.structured import StructureError
-from pretrain.checkpoint import CheckpointError, Checkpointer, resolve_step_dir
+from pretrain.checkpoint import Checkpointer, CheckpointError, resolve_step_dir
 from pretrain.config import Config, ConfigError, UserError, dump_config, load_config, to_dict
 from pretrain.data import Corpus
 from pretrain.metrics import Metrics, peak_tflops

@@ -73,7 +73,8 @@ def main(argv=None) -> int:
                 return 2
     base = rows["dense"]
     print(f"\n{args.steps} steps of {args.config}; parameters exclude the embedding; ratios are to dense.\n")
-    print("| structure | params | x dense | fwd FLOPs/token | x dense | tokens/s | x dense | val loss (init) | final val loss | diff vs dense |")
+    print("| structure | params | x dense | fwd FLOPs/token | x dense | tokens/s | x dense | "
+          "val loss (init) | final val loss | diff vs dense |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['params']:,} | {r['params'] / base['params']:.2f} | {r['flops']:,} | "

@@ -44,12 +44,11 @@ class BlastLinear(StructuredLinear):
         return blast_matmul(x, self.u, self.s, self.v)
 
     def to_dense(self):
-        b = self.blocks
         blocks = torch.einsum("ipr,ijr,jqr->ijpq", self.u, self.s, self.v)  # [b, b, p, q]
         return blocks.permute(0, 2, 1, 3).reshape(self.out_features, self.in_features)
 
     def _fit(self, w):
-        b, r = self.blocks, self.rank
+        b = self.blocks
         p, q = self.out_features // b, self.in_features // b
         wb = w.reshape(b, p, b, q).permute(0, 2, 1, 3)  # [i, j, p, q]
         starts = [self._svd_start(wb)]

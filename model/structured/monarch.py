@@ -42,7 +42,6 @@ class MonarchLinear(StructuredLinear):
 
     def _sub_blocks_to_dense(self, sub: torch.Tensor) -> torch.Tensor:
         """``sub[l, k, s, p]`` (output block l, input block k) -> ``[out, in]`` with row ``s*nb + l``."""
-        nb = self.blocks
         return sub.permute(2, 0, 1, 3).reshape(self.out_features, self.in_features)
 
     def to_dense(self):

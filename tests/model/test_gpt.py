@@ -10,7 +10,8 @@ from model.gpt import GPT
 
 def cfg(**kw) -> ModelConfig:
     base = dict(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=32,
-                structure={"attn": S("lowrank", rank=8), "mlp": S("blast", blocks=4, rank=8), "o": S("monarch", blocks=4)})
+                structure={"attn": S("lowrank", rank=8), "mlp": S("blast", blocks=4, rank=8),
+                           "o": S("monarch", blocks=4)})
     base.update(kw)
     return ModelConfig(**base)
 

@@ -67,8 +67,9 @@ def test_bad_values_name_the_field(override, message):
 def test_structure_that_does_not_divide_the_model_fails_before_training():
     cfg = load_config(ROOT / "configs/tiny-cpu.yaml",
                       ["model.vocab_size=512", "model.structure.mlp={kind: blockdiag, blocks: 5}"])
-    with pytest.raises(ConfigError, match=r"gate projection, in=128, out=384\): blockdiag.blocks=5 must divide "
-                                          r"in_features=128, out_features=384; allowed: \[1, 2, 4, 8, 16, 32, 64, 128\]"):
+    message = (r"gate projection, in=128, out=384\): blockdiag.blocks=5 must divide in_features=128, "
+               r"out_features=384; allowed: \[1, 2, 4, 8, 16, 32, 64, 128\]")
+    with pytest.raises(ConfigError, match=message):
         build_model(cfg.model, "cpu", 0)
 
 

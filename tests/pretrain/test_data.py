@@ -20,7 +20,8 @@ def test_store_round_trips_text(tiny_store):
 
 
 def test_sampling_is_a_function_of_the_sample_index(tiny_store):
-    a, b = Corpus(DataConfig(paths=[str(tiny_store)], seq_len=32)), Corpus(DataConfig(paths=[str(tiny_store)], seq_len=32))
+    cfg = DataConfig(paths=[str(tiny_store)], seq_len=32)
+    a, b = Corpus(cfg), Corpus(cfg)
     x_full, _ = a.train.batch(0, 24)
     x_resumed, _ = b.train.batch(16, 8)  # a fresh loader starting at a consumed-sample count
     assert (x_full[16:] == x_resumed).all()

@@ -101,7 +101,8 @@ def test_metrics_reach_tensorboard_and_jsonl(tiny_args, tmp_path):
     assert main(tiny_args(run, **{"train.steps": 10, "log.tensorboard": "true"})) == 0
     assert list((run / "tb").glob("events.out.tfevents.*"))
     rec = read_metrics(run / "metrics.jsonl")
-    for key in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/tflops", "perf/mfu", "val/loss"):
+    keys = ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/tflops", "perf/mfu", "val/loss")
+    for key in keys:
         assert key in rec[10], key
     assert rec[0]["model/params"] > 0 and rec[0]["model/flops_per_token"] > 0
     assert (run / "config.yaml").is_file() and (run / "checkpoints" / "step_000010" / "tokenizer.model").is_file()
