@@ -7,5 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/setup.sh
 set -euo pipefail
+ruff check .
 # pytest exits 5 when it collects no test: that fails here like any other error.
 python -m pytest -q "$@"

@@ -64,7 +64,7 @@ class Metrics:
 
     def write(self, message: str) -> None:
         """Print a line without breaking the progress bar."""
-        self._bar.write(message)
+        self._bar.write(message, file=sys.stderr)
 
     def close(self) -> None:
         self._bar.close()
