@@ -1,31 +1,32 @@
 """Monarch product ``y = P_out L P_mid R x`` with two block-diagonal factors.
 
-Layout (Dao et al., 2022, rectangular form): ``R`` has ``nb`` blocks ``[m, in/nb]`` producing a hidden
-vector of size ``nb * m``; the hidden vector is re-read with stride ``nb`` (element ``h`` goes to block
-``h % nb`` of the second factor), ``L`` has ``nb`` blocks ``[out/nb, m]``, and output element
-``s * nb + l`` is row ``s`` of block ``l``.
+Layout (Dao et al., 2022, rectangular form): ``R`` has ``nbR`` blocks ``[m, in/nbR]`` producing a hidden
+vector of ``nbR * m`` elements; the hidden vector is re-read with stride ``nbL`` (element ``h`` goes to
+column ``h // nbL`` of block ``h % nbL`` of the second factor), ``L`` has ``nbL`` blocks ``[s, nbR*m/nbL]``,
+and output element ``s_idx * nbL + l`` is row ``s_idx`` of block ``l``. The unsharded layer has
+``nbR = nbL``; a row-parallel shard holds a slice of R's blocks and the matching columns of L.
 """
 
 import torch
 
 
-def monarch_matmul(x: torch.Tensor, r: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """Apply a Monarch matrix.
-
-    Args:
-        x: ``[..., in]`` input.
-        r: ``[nb, m, in/nb]`` right (first applied) block-diagonal factor.
-        l: ``[nb, out/nb, m]`` left block-diagonal factor.
-
-    Returns:
-        ``[..., out]``.
-    """
+def monarch_right(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """First factor: ``[..., nbR * p] -> [..., nbR * m]`` (block-ordered hidden vector)."""
     nb, m, p = r.shape
-    s = l.shape[1]
-    lead = x.shape[:-1]
-    xb = x.reshape(*lead, nb, p)  # [..., nb, p]
-    h = torch.einsum("...kp,kqp->...kq", xb, r)  # [..., nb, m]
-    # hidden index k*m + q is re-read as r_idx*nb + l_idx: view [m, nb], then blocks along nb.
-    h = h.reshape(*lead, m, nb).transpose(-1, -2)  # [..., nb(l), m(r)]
-    y = torch.einsum("...lr,lsr->...sl", h, l)  # [..., out/nb, nb]
-    return y.reshape(*lead, s * nb)
+    xb = x.reshape(*x.shape[:-1], nb, p)  # [..., nbR, p]
+    h = torch.einsum("...kp,kqp->...kq", xb, r)  # [..., nbR, m]
+    return h.reshape(*x.shape[:-1], nb * m)
+
+
+def monarch_left(h: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Stride permutation and second factor: ``[..., nbL * rL] -> [..., s * nbL]``."""
+    nbl, s, rl = l.shape
+    lead = h.shape[:-1]
+    hb = h.reshape(*lead, rl, nbl).transpose(-1, -2)  # [..., nbL, rL]: element r*nbL + l -> block l
+    y = torch.einsum("...lr,lsr->...sl", hb, l)  # [..., s, nbL]
+    return y.reshape(*lead, s * nbl)
+
+
+def monarch_matmul(x: torch.Tensor, r: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Apply a Monarch matrix: ``R[nb, m, in/nb]``, ``L[nb, out/nb, m]``; ``[..., in] -> [..., out]``."""
+    return monarch_left(monarch_right(x, r), l)

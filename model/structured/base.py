@@ -1,7 +1,10 @@
 """The interface every structured linear layer implements, and what they share."""
 
 import abc
-from typing import ClassVar, Protocol, runtime_checkable
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -11,6 +14,50 @@ from model.config import divisors
 
 class StructureError(ValueError):
     """A structure spec that does not fit the layer it is asked to build."""
+
+
+class TensorParallelComm(Protocol):
+    """The conjugate communication operators a sharded layer applies at its own chosen points.
+
+    Supplied by ``parallel/tensor.py`` (Megatron's mappings on a process group); ``model/`` never sees the
+    group itself.
+    """
+
+    rank: int
+    size: int
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        """Identity forward, all-reduce of the gradient backward."""
+        ...
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduce forward, identity backward."""
+        ...
+
+    def scatter(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of the last dim forward, all-gather of the gradient backward."""
+        ...
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """All-gather along the last dim forward, this rank's slice of the gradient backward."""
+        ...
+
+
+Style = Literal["column", "row"]
+
+
+@dataclass
+class LayerShard:
+    """What ``shard()`` returns: the local layer and how its tensors relate to the global ones.
+
+    ``placements`` maps every parameter and persistent buffer name to the dim split across tensor-parallel
+    ranks (even chunks in rank order), or None where the tensor is replicated. ``partial_grads`` names
+    replicated parameters whose gradients are partial sums to be all-reduced over the tensor-parallel group.
+    """
+
+    layer: "StructuredLinear"
+    placements: dict[str, int | None]
+    partial_grads: tuple[str, ...] = field(default_factory=tuple)
 
 
 @runtime_checkable
@@ -39,6 +86,10 @@ class StructuredLinearProtocol(Protocol):
         """Forward FLOPs (2 per multiply-add) to apply the layer to ``tokens`` rows."""
         ...
 
+    def shard(self, tp_rank: int, tp_size: int, style: Style, comm: TensorParallelComm) -> LayerShard:
+        """The local layer of a tensor-parallel rank, and its placements."""
+        ...
+
 
 class StructuredLinear(nn.Module, abc.ABC):
     """Shared base: construction checks, init scaling and the projection error.
@@ -58,6 +109,42 @@ class StructuredLinear(nn.Module, abc.ABC):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        self._comm: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+
+    def _at(self, point: str, t: torch.Tensor) -> torch.Tensor:
+        """Apply the communication a tensor-parallel shard placed at ``point`` of the forward (else identity)."""
+        hook = self._comm.get(point)
+        return t if hook is None else hook(t)
+
+    # -- tensor parallelism ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def shard(self, tp_rank: int, tp_size: int, style: Style, comm: TensorParallelComm) -> LayerShard:
+        """The local layer of ``tp_rank`` for a ``column`` (output-split) or ``row`` (input-split) projection.
+
+        A column shard takes the replicated input and returns its slice of the output (its backward returns
+        the full input gradient); a row shard takes its slice of the input and returns the full output.
+        Each structure places the communication where the tensor is smallest.
+        """
+
+    def _local(self, in_features: int, out_features: int, tensors: dict[str, torch.Tensor],
+               hooks: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> "StructuredLinear":
+        """A copy of this layer with local shapes, the given (sliced) tensors and communication hooks."""
+        local = copy.deepcopy(self)
+        for name, t in tensors.items():
+            if name in local._parameters:
+                local._parameters[name] = nn.Parameter(t.detach().clone())
+            else:
+                local._buffers[name] = t.detach().clone()
+        local.in_features, local.out_features = in_features, out_features
+        local._comm = dict(hooks)
+        return local
+
+    @classmethod
+    def check_tp(cls, tp_size: int, **dims: int) -> None:
+        """Raise ``StructureError`` unless every named dimension splits evenly over ``tp_size`` ranks."""
+        for name, d in dims.items():
+            if d % tp_size:
+                raise StructureError(f"{cls.name}: {name}={d} does not split over parallel.tp={tp_size}")
 
     # -- construction helpers ---------------------------------------------------------------------
     @classmethod
@@ -120,6 +207,11 @@ class StructuredLinear(nn.Module, abc.ABC):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, params={self.num_params()}"
+
+
+def split(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    """Rank ``rank``'s even chunk of ``t`` along ``dim``."""
+    return t.chunk(size, dim)[rank]
 
 
 def normal_(t: torch.Tensor, std: float, generator: torch.Generator | None) -> torch.Tensor:

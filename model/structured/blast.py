@@ -5,8 +5,8 @@ import math
 import torch
 from torch import nn
 
-from kernels.blast import blast_matmul
-from model.structured.base import StructuredLinear, normal_
+from kernels.blast import blast_couple, blast_expand, blast_project
+from model.structured.base import LayerShard, StructuredLinear, normal_, split
 
 
 class BlastLinear(StructuredLinear):
@@ -41,7 +41,23 @@ class BlastLinear(StructuredLinear):
         normal_(self.u, std * math.sqrt(self.in_features / self.rank), generator)
 
     def forward(self, x):
-        return blast_matmul(x, self.u, self.s, self.v)
+        z = self._at("z", blast_project(self._at("in", x), self.v))  # [..., b, r]
+        w = self._at("w", blast_couple(z, self.s))  # [..., b, r]
+        return self._at("out", blast_expand(w, self.u))
+
+    def shard(self, tp_rank, tp_size, style, comm):
+        # Communication on the coupled [..., b, r] intermediates: a column shard owns block rows i (U_i, S_i:)
+        # and all-reduces the gradient of z; a row shard owns block columns j (V_j, S_:j) and all-reduces w.
+        self.check_tp(tp_size, blocks=self.blocks)
+        if style == "column":
+            u, s = split(self.u, 0, tp_rank, tp_size), split(self.s, 0, tp_rank, tp_size)
+            local = self._local(self.in_features, u.shape[0] * u.shape[1], {"u": u, "s": s, "v": self.v},
+                                {"z": comm.copy})
+            return LayerShard(local, {"u": 0, "s": 0, "v": None})
+        v, s = split(self.v, 0, tp_rank, tp_size), split(self.s, 1, tp_rank, tp_size)
+        local = self._local(v.shape[0] * v.shape[1], self.out_features, {"u": self.u, "s": s, "v": v},
+                            {"w": comm.reduce})
+        return LayerShard(local, {"u": None, "s": 1, "v": 0})
 
     def to_dense(self):
         blocks = torch.einsum("ipr,ijr,jqr->ijpq", self.u, self.s, self.v)  # [b, b, p, q]

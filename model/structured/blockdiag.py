@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from kernels.blockdiag import blockdiag_matmul
-from model.structured.base import StructuredLinear, normal_
+from model.structured.base import LayerShard, StructuredLinear, StructureError, normal_, split
 
 
 class BlockDiagLinear(StructuredLinear):
@@ -38,7 +38,22 @@ class BlockDiagLinear(StructuredLinear):
         return y.unflatten(-1, (self.blocks, -1)).transpose(-1, -2).flatten(-2)  # [..., p, nb] -> [..., out]
 
     def forward(self, x):
-        return self._unshuffle(blockdiag_matmul(x, self.weight))
+        return self._at("out", self._unshuffle(blockdiag_matmul(self._at("in", x), self.weight)))
+
+    def shard(self, tp_rank, tp_size, style, comm):
+        # Whole blocks per rank, no communication inside: a column shard reads only its blocks' input slice
+        # (gradient all-gathered), a row shard's output slice is all-gathered.
+        if self.shuffle:
+            raise StructureError("blockdiag.shuffle=true interleaves outputs across all blocks and cannot be "
+                                 "split over tensor-parallel ranks; use shuffle: false with parallel.tp > 1")
+        self.check_tp(tp_size, blocks=self.blocks)
+        w = split(self.weight, 0, tp_rank, tp_size)
+        nb, p, q = w.shape
+        hooks = {"in": comm.scatter} if style == "column" else {"out": comm.gather}
+        in_f, out_f = (self.in_features, nb * p) if style == "column" else (nb * q, self.out_features)
+        local = self._local(in_f, out_f, {"weight": w}, hooks)
+        local.blocks = nb
+        return LayerShard(local, {"weight": 0})
 
     def to_dense(self):
         dense = torch.block_diag(*self.weight.unbind(0))  # [out, in], block order

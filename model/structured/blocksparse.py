@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.structured.base import StructuredLinear, normal_
+from model.structured.base import LayerShard, StructuredLinear, normal_, split
 
 
 class BlockSparseLinear(StructuredLinear):
@@ -50,7 +50,17 @@ class BlockSparseLinear(StructuredLinear):
         return self.mask.repeat_interleave(bs, 0).repeat_interleave(bs, 1)
 
     def forward(self, x):
-        return F.linear(x, self.to_dense())
+        return self._at("out", F.linear(self._at("in", x), self.to_dense()))
+
+    def shard(self, tp_rank, tp_size, style, comm):
+        # Like dense, with the block mask split along the same dimension as the weight.
+        dim = 0 if style == "column" else 1
+        grid = self.mask.shape[dim]
+        self.check_tp(tp_size, **{("block_rows" if dim == 0 else "block_columns"): grid})
+        w, mask = split(self.weight, dim, tp_rank, tp_size), split(self.mask, dim, tp_rank, tp_size)
+        hooks = {"in": comm.copy} if style == "column" else {"out": comm.reduce}
+        local = self._local(w.shape[1], w.shape[0], {"weight": w, "mask": mask}, hooks)
+        return LayerShard(local, {"weight": dim, "mask": dim})
 
     def to_dense(self):
         return self.weight * self.dense_mask()

@@ -5,8 +5,8 @@ import math
 import torch
 from torch import nn
 
-from kernels.lowrank import lowrank_matmul
-from model.structured.base import StructuredLinear, normal_
+from kernels.lowrank import lowrank_expand, lowrank_project
+from model.structured.base import LayerShard, StructuredLinear, normal_, split
 
 
 class LowRankLinear(StructuredLinear):
@@ -28,7 +28,21 @@ class LowRankLinear(StructuredLinear):
         normal_(self.u, std * math.sqrt(self.in_features / self.rank), generator)
 
     def forward(self, x):
-        return lowrank_matmul(x, self.u, self.v)
+        z = self._at("mid", lowrank_project(self._at("in", x), self.v))  # [..., r]
+        return self._at("out", lowrank_expand(z, self.u))
+
+    def shard(self, tp_rank, tp_size, style, comm):
+        # Communication happens on the [..., r] intermediate: column shards all-reduce its gradient
+        # (V replicated), row shards all-reduce its partial sums before U (U replicated).
+        if style == "column":
+            self.check_tp(tp_size, out_features=self.out_features)
+            u = split(self.u, 0, tp_rank, tp_size)
+            local = self._local(self.in_features, u.shape[0], {"u": u, "v": self.v}, {"mid": comm.copy})
+            return LayerShard(local, {"u": 0, "v": None})
+        self.check_tp(tp_size, in_features=self.in_features)
+        v = split(self.v, 1, tp_rank, tp_size)
+        local = self._local(v.shape[1], self.out_features, {"u": self.u, "v": v}, {"mid": comm.reduce})
+        return LayerShard(local, {"u": None, "v": 1})
 
     def to_dense(self):
         return self.u @ self.v

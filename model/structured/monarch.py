@@ -5,8 +5,8 @@ import math
 import torch
 from torch import nn
 
-from kernels.monarch import monarch_matmul
-from model.structured.base import StructuredLinear, normal_
+from kernels.monarch import monarch_left, monarch_right
+from model.structured.base import LayerShard, StructuredLinear, normal_, split
 
 
 class MonarchLinear(StructuredLinear):
@@ -38,7 +38,23 @@ class MonarchLinear(StructuredLinear):
         normal_(self.l, std * math.sqrt(self.in_features / (self.rank * self.blocks)), generator)
 
     def forward(self, x):
-        return monarch_matmul(x, self.r, self.l)
+        h = self._at("mid", monarch_right(self._at("in", x), self.r))  # [..., nb * m]
+        return self._at("out", monarch_left(h, self.l))
+
+    def shard(self, tp_rank, tp_size, style, comm):
+        nb = self.blocks
+        if style == "column":
+            # R replicated, L's rows (s) split: the rank's outputs s*nb + l form a contiguous slice.
+            # The hidden vector's gradient is all-reduced.
+            self.check_tp(tp_size, rows_per_block=self.out_features // nb)
+            l = split(self.l, 1, tp_rank, tp_size)
+            local = self._local(self.in_features, l.shape[1] * nb, {"r": self.r, "l": l}, {"mid": comm.copy})
+            return LayerShard(local, {"r": None, "l": 1})
+        # Row: the rank's input blocks of R, and the hidden columns of L they feed; partial outputs reduced.
+        self.check_tp(tp_size, blocks=nb)
+        r, l = split(self.r, 0, tp_rank, tp_size), split(self.l, 2, tp_rank, tp_size)
+        local = self._local(r.shape[0] * r.shape[2], self.out_features, {"r": r, "l": l}, {"out": comm.reduce})
+        return LayerShard(local, {"r": 0, "l": 2})
 
     def _sub_blocks_to_dense(self, sub: torch.Tensor) -> torch.Tensor:
         """``sub[l, k, s, p]`` (output block l, input block k) -> ``[out, in]`` with row ``s*nb + l``."""

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from kernels.nm import nm_linear, nm_mask, nm_sparsify
-from model.structured.base import StructuredLinear, normal_
+from model.structured.base import LayerShard, StructuredLinear, normal_, split
 
 
 class NMSparseLinear(StructuredLinear):
@@ -33,7 +33,18 @@ class NMSparseLinear(StructuredLinear):
             self.weight.mul_(std * self.weight.numel() ** 0.5 / kept.norm())
 
     def forward(self, x):
-        return nm_linear(x, self.weight, self.n, self.m, self.decay)
+        return self._at("out", nm_linear(self._at("in", x), self.weight, self.n, self.m, self.decay))
+
+    def shard(self, tp_rank, tp_size, style, comm):
+        # Like dense; a row split keeps every group of m inputs on one rank.
+        if style == "column":
+            self.check_tp(tp_size, out_features=self.out_features)
+        else:
+            self.check_tp(tp_size, groups_of_m=self.in_features // self.m)
+        dim = 0 if style == "column" else 1
+        w = split(self.weight, dim, tp_rank, tp_size)
+        hooks = {"in": comm.copy} if style == "column" else {"out": comm.reduce}
+        return LayerShard(self._local(w.shape[1], w.shape[0], {"weight": w}, hooks), {"weight": dim})
 
     def to_dense(self):
         return nm_sparsify(self.weight, self.n, self.m, self.decay)

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.lowrank import lowrank_matmul
-from model.structured.base import StructuredLinear, normal_
+from kernels.lowrank import lowrank_expand, lowrank_project
+from model.structured.base import LayerShard, StructuredLinear, normal_, split
 
 
 class SparseLowRankLinear(StructuredLinear):
@@ -45,13 +45,43 @@ class SparseLowRankLinear(StructuredLinear):
         normal_(self.u, half * math.sqrt(self.in_features / self.rank), generator)
         normal_(self.values, half / math.sqrt(self.values.numel() / total), generator)
 
+    # A tensor-parallel shard keeps all values (replicated) and applies the window of the global sparse
+    # matrix given by these (row, column) offsets; its value gradients are partial sums over ranks.
+    _window: tuple[int, int] = (0, 0)
+    _global_shape: tuple[int, int] | None = None
+
     def sparse_dense(self) -> torch.Tensor:
-        """The sparse part scattered into ``[out, in]``."""
-        flat = self.values.new_zeros(self.out_features * self.in_features)
-        return flat.index_put((self.indices,), self.values).view(self.out_features, self.in_features)
+        """The sparse part scattered into ``[out, in]`` (this shard's window of it when sharded)."""
+        rows, cols = self.u.shape[0], self.v.shape[1]
+        full = self._global_shape or (rows, cols)
+        flat = self.values.new_zeros(full[0] * full[1])
+        dense = flat.index_put((self.indices,), self.values).view(full)
+        r0, c0 = self._window
+        return dense[r0:r0 + rows, c0:c0 + cols]
 
     def forward(self, x):
-        return lowrank_matmul(x, self.u, self.v) + F.linear(x, self.sparse_dense())
+        z = self._at("mid", lowrank_project(self._at("in", x), self.v))  # [..., r]
+        sparse = self._at("sparse_out", F.linear(self._at("sparse_in", x), self.sparse_dense()))
+        return lowrank_expand(z, self.u) + sparse
+
+    def shard(self, tp_rank, tp_size, style, comm):
+        full = (self.out_features, self.in_features)
+        if style == "column":  # U rows; gradients of the r-dim intermediate and of x (sparse path) reduced
+            self.check_tp(tp_size, out_features=self.out_features)
+            u = split(self.u, 0, tp_rank, tp_size)
+            local = self._local(self.in_features, u.shape[0], {"u": u, "v": self.v, "values": self.values},
+                                {"mid": comm.copy, "sparse_in": comm.copy})
+            local._window = (tp_rank * u.shape[0], 0)
+            placements = {"u": 0, "v": None}
+        else:  # V columns; the r-dim intermediate and the sparse partial outputs are all-reduced
+            self.check_tp(tp_size, in_features=self.in_features)
+            v = split(self.v, 1, tp_rank, tp_size)
+            local = self._local(v.shape[1], self.out_features, {"u": self.u, "v": v, "values": self.values},
+                                {"mid": comm.reduce, "sparse_out": comm.reduce})
+            local._window = (0, tp_rank * v.shape[1])
+            placements = {"u": None, "v": 1}
+        local._global_shape = full
+        return LayerShard(local, {**placements, "values": None, "indices": None}, partial_grads=("values",))
 
     def to_dense(self):
         return self.u @ self.v + self.sparse_dense()
