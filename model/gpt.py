@@ -40,6 +40,11 @@ def _build(cfg: ModelConfig, proj: str, in_features: int, out_features: int) -> 
                              f"{e}") from None
 
 
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy of ``logits[B, T, V]`` (computed in fp32)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -99,6 +104,7 @@ class GPT(nn.Module):
         self.output: nn.Linear | None = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.loss_fn = cross_entropy  # tensor parallelism swaps in the vocab-parallel loss
         cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -151,10 +157,10 @@ class GPT(nn.Module):
             h = self.norm(h)
         if self.output is None:
             return h
-        logits = self.output(h)  # [B, T, V]
+        logits = self.output(h)  # [B, T, V] (or this rank's vocab slice under tensor parallelism)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return self.loss_fn(logits, targets)
 
     # -- accounting -----------------------------------------------------------------------------------
     def structured_layers(self) -> dict[str, StructuredLinear]:

@@ -1,16 +1,17 @@
-"""Checkpoints with torch.distributed.checkpoint: one directory per step, never half-written.
+"""Checkpoints with torch.distributed.checkpoint: one directory per step, never half-written, any topology.
 
 Layout of ``<out_dir>/checkpoints``::
 
-    step_000100/          DCP shards (.metadata, *.distcp): model and optimizer state
-      meta.json           step, consumed samples, resolved config (dict)
+    step_000100/          DCP shards (.metadata, *.distcp): model and optimizer state as global tensors
+      meta.json           step, consumed samples, resolved config (dict), the topology that wrote it
       config.yaml         the same config, for people
       tokenizer.model     the sentencepiece model of the training data (export needs it)
       rng/rank_00000.pt   RNG states of each rank
     latest                name of the newest complete step directory, written last
 
-A step directory is written under ``.tmp-step_XXXXXX`` and renamed when complete; ``latest`` is replaced
-atomically afterwards, so a crash at any point leaves the previous checkpoint intact.
+Every rank writes its shards into ``.tmp-step_XXXXXX``; rank 0 renames it when all are done and then
+replaces ``latest``, so a crash at any point leaves the previous checkpoint intact. Tensors are saved with
+their tensor-parallel placements (DTensor), so a checkpoint written at one (dp, tp, pp) loads at any other.
 """
 
 import json
@@ -20,8 +21,8 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from pretrain.config import UserError
 
@@ -61,6 +62,13 @@ def resolve_step_dir(path: str | Path) -> Path:
     return path
 
 
+def check_model_config(meta: dict, model_config: dict, path: Path) -> None:
+    """Refuse a checkpoint written for another model shape, listing every differing field."""
+    diffs = _diff(meta["config"]["model"], model_config, "model")
+    if diffs:
+        raise CheckpointError(f"{path} was written for a different model:\n  " + "\n  ".join(diffs))
+
+
 def _diff(saved, current, prefix: str) -> list[str]:
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
@@ -70,8 +78,17 @@ def _diff(saved, current, prefix: str) -> list[str]:
     return [] if saved == current else [f"{prefix}: checkpoint has {saved!r}, config has {current!r}"]
 
 
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 class Checkpointer:
-    """Saves and restores training state under one checkpoints root."""
+    """Saves and restores training state under one checkpoints root (collective when distributed)."""
 
     def __init__(self, root: Path, keep: int = 0):
         self.root, self.keep = Path(root), keep
@@ -91,35 +108,38 @@ class Checkpointer:
         steps = self.complete_steps()  # marker missing or stale: fall back to the newest complete step
         return steps[-1] if steps else None
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict,
-             files: dict[str, str | bytes]) -> Path:
-        """Write ``step_XXXXXX`` atomically; ``meta`` goes to meta.json, ``files`` are written beside it."""
-        self.root.mkdir(parents=True, exist_ok=True)
+    def save(self, step: int, state: dict, meta: dict, files: dict[str, str | bytes]) -> Path:
+        """Write ``step_XXXXXX`` atomically. ``state`` is this rank's (DTensor) state dict; ``meta`` goes to
+        meta.json and ``files`` beside it (written by rank 0)."""
         final = self.root / step_name(step)
         tmp = self.root / f".tmp-{step_name(step)}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-        (tmp / "rng").mkdir()
-        torch.save(_rng_state(), tmp / "rng" / "rank_00000.pt")
-        for name, content in files.items():
-            mode = "wb" if isinstance(content, bytes) else "w"
-            with open(tmp / name, mode) as f:
-                f.write(content)
-        (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
-        if final.exists():  # re-saving a step (e.g. after a resume): swap out the old directory first
-            old = self.root / f".old-{step_name(step)}"
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-        marker_tmp = self.root / f".{LATEST}.tmp"
-        marker_tmp.write_text(final.name)
-        os.replace(marker_tmp, self.root / LATEST)
-        self._prune()
+        if _rank() == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / "rng").mkdir(parents=True)
+        _barrier()
+        dcp.save(state, checkpoint_id=str(tmp))
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
+        _barrier()
+        if _rank() == 0:
+            for name, content in files.items():
+                with open(tmp / name, "wb" if isinstance(content, bytes) else "w") as f:
+                    f.write(content)
+            (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
+            if final.exists():  # re-saving a step (e.g. after a resume): swap out the old directory first
+                old = self.root / f".old-{step_name(step)}"
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(final)
+            marker_tmp = self.root / f".{LATEST}.tmp"
+            marker_tmp.write_text(final.name)
+            os.replace(marker_tmp, self.root / LATEST)
+            self._prune()
+        _barrier()
         return final
 
     def _prune(self) -> None:
@@ -129,25 +149,14 @@ class Checkpointer:
         for stale in self.root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
 
-    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-             model_config: dict) -> dict:
-        """Restore model (and optimizer) from ``path``; returns its meta. Refuses another model shape."""
+    def load(self, path: Path, state: dict, model_config: dict, restore_rng: bool = True) -> dict:
+        """Fill ``state`` (this rank's destination tensors) from ``path``; returns its meta."""
         meta = read_meta(path)
-        diffs = _diff(meta["config"]["model"], model_config, "model")
-        if diffs:
-            raise CheckpointError(f"{path} was written for a different model:\n  " + "\n  ".join(diffs))
-        if optimizer is None:
-            state = {"model": model.state_dict()}
-            dcp.load(state, checkpoint_id=str(path))
-            model.load_state_dict(state["model"])
-        else:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            state = {"model": model_sd, "optim": optim_sd}
-            dcp.load(state, checkpoint_id=str(path))
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-            rng = path / "rng" / "rank_00000.pt"
-            if rng.is_file():
-                _set_rng_state(torch.load(rng, weights_only=False))
+        check_model_config(meta, model_config, path)
+        dcp.load(state, checkpoint_id=str(path))
+        rng = Path(path) / "rng" / f"rank_{_rank():05d}.pt"
+        if restore_rng and rng.is_file():
+            _set_rng_state(torch.load(rng, weights_only=False))
         return meta
 
 

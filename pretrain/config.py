@@ -95,6 +95,22 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Topology: data x tensor x pipeline parallel degrees. Their product must equal the world size."""
+
+    dp: int = 1
+    """Data-parallel replicas (the global batch is split between them)."""
+    tp: int = 1
+    """Tensor-parallel ranks: heads, projections (each structure's own shard), vocabulary."""
+    pp: int = 1
+    """Pipeline stages (contiguous blocks; first stage has the embedding, last the norm, head and loss)."""
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
+    """torch.distributed.pipelining schedule; interleaved_1f1b and zero_bubble use ``virtual_stages``."""
+    virtual_stages: int = 1
+    """Stages per pipeline rank (interleaved schedules); n_layers must divide by pp * virtual_stages."""
+
+
+@dataclass
 class CheckpointConfig:
     """Sharded checkpoints with torch.distributed.checkpoint."""
 
@@ -129,6 +145,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -141,8 +158,19 @@ class Config:
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{name}={value} must be a positive integer")
-        if t.global_batch % t.micro_batch:
-            raise ConfigError(f"train.micro_batch={t.micro_batch} must divide train.global_batch={t.global_batch}")
+        par = self.parallel
+        for name in ("dp", "tp", "pp", "virtual_stages"):
+            if getattr(par, name) <= 0:
+                raise ConfigError(f"parallel.{name}={getattr(par, name)} must be a positive integer")
+        if t.global_batch % (t.micro_batch * par.dp):
+            raise ConfigError(f"train.global_batch={t.global_batch} must be divisible by train.micro_batch="
+                              f"{t.micro_batch} x parallel.dp={par.dp} (micro_batch is per data-parallel rank)")
+        if (t.eval_batches * t.micro_batch) % par.dp:
+            raise ConfigError(f"train.eval_batches x train.micro_batch = {t.eval_batches * t.micro_batch} "
+                              f"validation samples must split evenly over parallel.dp={par.dp}")
+        if par.virtual_stages > 1 and par.pp_schedule not in ("interleaved_1f1b", "zero_bubble"):
+            raise ConfigError(f"parallel.virtual_stages={par.virtual_stages} needs parallel.pp_schedule "
+                              f"interleaved_1f1b or zero_bubble, not {par.pp_schedule!r}")
         if d.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if not 0.0 < d.val_fraction < 1.0:
@@ -303,5 +331,6 @@ def dump_config(cfg: Config) -> str:
 
 
 __all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "LogConfig", "ModelConfig", "OptimConfig",
+           "ParallelConfig",
            "StructureSpec", "TrainConfig", "UserError", "apply_override", "dump_config", "from_dict", "load_config",
            "to_dict"]

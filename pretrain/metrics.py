@@ -37,7 +37,11 @@ def peak_tflops(device: torch.device, configured: float | None) -> float | None:
 class Metrics:
     """Writes scalars to TensorBoard and ``metrics.jsonl`` and drives the progress bar (one process)."""
 
-    def __init__(self, out_dir: Path, total_steps: int, start_step: int, progress: bool, tensorboard: bool):
+    def __init__(self, out_dir: Path, total_steps: int, start_step: int, progress: bool, tensorboard: bool,
+                 enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:  # ranks other than 0 record nothing
+            return
         out_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = (out_dir / "metrics.jsonl").open("a")
         self._tb = None
@@ -51,6 +55,8 @@ class Metrics:
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         """Record scalars for ``step`` (tags like ``train/loss``)."""
+        if not self.enabled:
+            return
         self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
@@ -58,15 +64,21 @@ class Metrics:
                 self._tb.add_scalar(tag, value, step)
 
     def advance(self, step: int, postfix: dict[str, str]) -> None:
+        if not self.enabled:
+            return
         self._bar.n = step
         self._bar.set_postfix(postfix, refresh=False)
         self._bar.refresh()
 
     def write(self, message: str) -> None:
         """Print a line without breaking the progress bar."""
+        if not self.enabled:
+            return
         self._bar.write(message, file=sys.stderr)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._bar.close()
         if self._tb is not None:
             self._tb.close()

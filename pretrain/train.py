@@ -19,11 +19,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from model.config import ModelConfig
 from model.gpt import GPT
 from model.structured import StructureError
-from pretrain.checkpoint import Checkpointer, CheckpointError, resolve_step_dir
+from parallel.mesh import ParallelDims, TopologyError, build_mesh, init_distributed
+from parallel.runtime import ParallelModel, checkpoint_state, init_optimizer_state, restore_state
+from pretrain.checkpoint import Checkpointer, CheckpointError, check_model_config, read_meta, resolve_step_dir
 from pretrain.config import Config, ConfigError, UserError, dump_config, load_config, to_dict
 from pretrain.data import Corpus
 from pretrain.metrics import Metrics, peak_tflops
@@ -52,11 +55,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Trainer:
-    """Owns the model, optimizer, data streams, checkpoints and metrics of one run."""
+    """Owns the model, optimizer, data streams, checkpoints and metrics of one run on this rank."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
+        init_distributed(self.device)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.out = Path(cfg.train.out_dir)
         self.corpus = Corpus(cfg.data)
         if cfg.model.vocab_size is None:
@@ -64,12 +69,28 @@ class Trainer:
         elif cfg.model.vocab_size < self.corpus.vocab_size:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer vocabulary "
                               f"{self.corpus.vocab_size} of data.paths[0]; set it >= {self.corpus.vocab_size} or null")
-        self.model = build_model(cfg.model, self.device, cfg.train.seed)
+        par = cfg.parallel
+        self.dims = ParallelDims(par.dp, par.tp, par.pp, par.virtual_stages)
+        try:
+            self.dims.check_model(cfg.model)
+            mesh = build_mesh(self.dims, self.device.type)
+        except TopologyError as e:
+            raise ConfigError(str(e)) from None
+        t = cfg.train
+        self.local_batch = t.global_batch // par.dp
+        model = build_model(cfg.model, self.device, t.seed)
+        self.full_params = model.num_params()
+        self.flops = model.flops_per_token(cfg.data.seq_len)
+        try:
+            self.model = ParallelModel(model, self.dims, mesh, self.device, t.micro_batch, self.local_batch,
+                                       par.pp_schedule)
+        except StructureError as e:
+            raise ConfigError(f"model.structure does not fit parallel.tp={par.tp}: {e}") from None
         self.optimizer = build_optimizer(cfg.optim, self.model)
         self.ckpt = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep)
         self.step, self.consumed = 0, 0
         self._resume()
-        precision = cfg.train.precision
+        precision = t.precision
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if precision == "bf16"
@@ -88,48 +109,41 @@ class Trainer:
         path = self.ckpt.latest() if mode == "auto" else resolve_step_dir(mode)
         if path is None:
             return
-        meta = self.ckpt.load(path, self.model, self.optimizer, to_dict(self.cfg.model))
+        check_model_config(read_meta(path), to_dict(self.cfg.model), path)
+        init_optimizer_state(self.optimizer)
+        state = checkpoint_state(self.model, self.optimizer)
+        meta = self.ckpt.load(path, state, to_dict(self.cfg.model))
+        restore_state(state, self.model, self.optimizer)
         self.step, self.consumed = int(meta["step"]), int(meta["consumed_samples"])
-        print(f"resumed from {path} at step {self.step} ({self.consumed:,} samples consumed)", file=sys.stderr)
+        if self.rank == 0:
+            print(f"resumed from {path} at step {self.step} ({self.consumed:,} samples consumed; written at "
+                  f"{meta.get('topology', {})})", file=sys.stderr)
 
     # -- pieces of the loop ---------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float]:
-        """One optimizer step over ``global_batch`` sequences; returns (mean loss, grad norm)."""
-        t = self.cfg.train
-        accum = t.global_batch // t.micro_batch
-        total = torch.zeros((), device=self.device)
-        for micro in range(accum):
-            x, y = self.corpus.train.batch(self.consumed + micro * t.micro_batch, t.micro_batch)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self.autocast:
-                loss = self.model(x, y)
-            (loss / accum).backward()
-            total += loss.detach()
-        clip = self.cfg.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        """One optimizer step over ``global_batch`` sequences; returns (global mean loss, grad norm)."""
+        start = self.consumed + self.model.dp_rank * self.local_batch
+        x, y = self.corpus.train.batch(start, self.local_batch)
+        local = self.model.forward_backward(x, y, self.autocast)
+        norm = self.model.reduce_and_clip(self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.consumed += t.global_batch
+        self.consumed += self.cfg.train.global_batch
         self.step += 1
-        return float(total) / accum, float(norm)
+        return self.model.global_mean(local), norm
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the first ``eval_batches`` micro-batches of the validation stream."""
+        """Mean loss over the first ``eval_batches * micro_batch`` validation samples (split over dp)."""
         t = self.cfg.train
-        self.model.eval()
-        losses = []
-        for i in range(t.eval_batches):
-            x, y = self.corpus.val.batch(i * t.micro_batch, t.micro_batch)
-            with self.autocast:
-                losses.append(float(self.model(x.to(self.device), y.to(self.device))))
-        self.model.train()
-        return sum(losses) / len(losses)
+        share = t.eval_batches * t.micro_batch // self.dims.dp
+        x, y = self.corpus.val.batch(self.model.dp_rank * share, share)
+        return self.model.global_mean(self.model.eval_loss(x, y, self.autocast))
 
     def save(self) -> Path:
-        meta = {"consumed_samples": self.consumed, "config": to_dict(self.cfg)}
+        topology = {"dp": self.dims.dp, "tp": self.dims.tp, "pp": self.dims.pp}
+        meta = {"consumed_samples": self.consumed, "config": to_dict(self.cfg), "topology": topology}
         files = {"config.yaml": dump_config(self.cfg), "tokenizer.model": self.corpus.tokenizer_model}
-        return self.ckpt.save(self.step, self.model, self.optimizer, meta, files)
+        return self.ckpt.save(self.step, checkpoint_state(self.model, self.optimizer), meta, files)
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = True
@@ -138,14 +152,17 @@ class Trainer:
     def fit(self) -> dict:
         """Train to ``train.steps`` (or ``exit_after_steps`` / SIGTERM); returns the last metrics."""
         cfg, t = self.cfg, self.cfg.train
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(dump_config(cfg))
-        flops = self.model.flops_per_token(cfg.data.seq_len)
-        peak = peak_tflops(self.device, cfg.log.peak_tflops)
-        params = self.model.num_params()
-        metrics = Metrics(self.out, t.steps, self.step, cfg.log.progress, cfg.log.tensorboard)
+        main = self.rank == 0
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(dump_config(cfg))
+        flops, params = self.flops, self.full_params
+        peak = peak_tflops(self.device, cfg.log.peak_tflops) if main else None
+        metrics = Metrics(self.out, t.steps, self.step, cfg.log.progress, cfg.log.tensorboard, enabled=main)
+        world = dist.get_world_size() if dist.is_initialized() else 1
         metrics.write(f"model: {params:,} parameters, {flops['forward']:,} forward FLOPs/token; "
-                      f"data: {self.corpus.describe()}; device {self.device}")
+                      f"data: {self.corpus.describe()}; {world} process(es) as dp={self.dims.dp} tp={self.dims.tp} "
+                      f"pp={self.dims.pp} on {self.device}")
         previous = signal.signal(signal.SIGTERM, self._on_signal)
         last: dict = {}
         try:
@@ -171,7 +188,7 @@ class Trainer:
                 last = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                         "perf/tokens_per_s": tok_s, "perf/tflops": tflops}
                 if peak:
-                    last["perf/mfu"] = tflops / peak
+                    last["perf/mfu"] = tflops / (peak * world)
                 if self.device.type == "cuda":
                     last["perf/max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 if self.step % t.eval_interval == 0 or self.step == t.steps:
@@ -181,7 +198,7 @@ class Trainer:
                     metrics.log(self.step, last)
                 metrics.advance(self.step, {"loss": f"{loss:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"})
                 interval = cfg.checkpoint.interval
-                stopping = (self._stop_signal or (t.exit_after_steps is not None and ran >= t.exit_after_steps))
+                stopping = self._should_stop(ran)
                 if self.step == t.steps or stopping or (interval and self.step % interval == 0):
                     path = self.save()
                     metrics.write(f"saved {path}")
@@ -192,6 +209,16 @@ class Trainer:
             signal.signal(signal.SIGTERM, previous)
             metrics.close()
         return {"step": self.step, **last}
+
+    def _should_stop(self, ran: int) -> bool:
+        """Exit-after-steps or SIGTERM on any rank; agreed by all ranks so they checkpoint together."""
+        limit = self.cfg.train.exit_after_steps
+        stop = self._stop_signal or (limit is not None and ran >= limit)
+        if dist.is_initialized():
+            flag = torch.tensor([int(stop)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
 
 
 def parse_args(argv=None):
@@ -210,11 +237,18 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, overrides)
         trainer = Trainer(cfg)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
         return 2
     result = trainer.fit()
-    summary = ", ".join(f"{k}={v:.4g}" for k, v in result.items() if k in ("train/loss", "val/loss"))
-    print(f"done at step {result['step']}: {summary}")
+    if trainer.rank == 0:
+        summary = ", ".join(f"{k}={v:.4g}" for k, v in result.items() if k in ("train/loss", "val/loss"))
+        print(f"done at step {result['step']}: {summary}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from model.gpt import GPT
+from parallel.mesh import ParallelDims
+from parallel.runtime import ParallelModel, checkpoint_state, restore_state
 from pretrain.checkpoint import Checkpointer, read_meta, resolve_step_dir
 from pretrain.config import Config, UserError, from_dict, to_dict
 
@@ -29,7 +31,10 @@ def load_checkpoint_model(checkpoint: str | Path) -> tuple[GPT, Config, Path]:
     step_dir = resolve_step_dir(checkpoint)
     cfg = from_dict(Config, read_meta(step_dir)["config"])
     model = GPT(cfg.model)
-    Checkpointer(step_dir.parent).load(step_dir, model, None, to_dict(cfg.model))
+    single = ParallelModel(model, ParallelDims(), None, torch.device("cpu"), 1, 1)
+    state = {"model": checkpoint_state(single, torch.optim.SGD(model.parameters(), lr=0.0))["model"]}
+    Checkpointer(step_dir.parent).load(step_dir, state, to_dict(cfg.model), restore_rng=False)
+    restore_state(state, single, None)
     return model.eval(), cfg, step_dir
 
 

@@ -1,0 +1,207 @@
+"""``ParallelModel``: the model as one rank runs it, on any (dp, tp, pp), with one interface.
+
+Applies tensor parallelism, then the pipeline split, then data parallelism to the plain, fully
+initialised GPT (TorchTitan's order). Every rank builds the same full model from one seed first, so every
+topology starts from the same weights.
+"""
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from model.gpt import GPT
+from parallel.comm import GroupComm
+from parallel.data import all_reduce_mean, clip_global_norm
+from parallel.mesh import ParallelDims
+from parallel.pipeline import Pipeline, split_stage, stage_ids
+from parallel.tensor import apply_tp
+
+
+class ParallelModel:
+    """This rank's part of the model, its process groups and the train/eval steps."""
+
+    def __init__(self, model: GPT, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device,
+                 micro_batch: int, local_batch: int, schedule: str = "1f1b"):
+        self.dims, self.mesh, self.device = dims, mesh, device
+        self.micro_batch, self.local_batch = micro_batch, local_batch
+        self.cfg = model.cfg
+        groups = {name: mesh.get_group(name) for name in ("pp", "dp", "tp")} if mesh is not None else {}
+        self.tp_group, self.dp_group, self.pp_group = groups.get("tp"), groups.get("dp"), groups.get("pp")
+        self.tp_rank = dist.get_rank(self.tp_group) if self.tp_group else 0
+        self.dp_rank = dist.get_rank(self.dp_group) if self.dp_group else 0
+        self.pp_rank = dist.get_rank(self.pp_group) if self.pp_group else 0
+
+        self.placements = {name: None for name, _ in model.named_parameters()}
+        self.placements.update({name: None for name, _ in model.named_buffers()})
+        self.partial: set[str] = set()
+        if dims.tp > 1:
+            placements, self.partial = apply_tp(model, GroupComm(self.tp_group))
+            self.placements.update(placements)
+        if dims.pp > 1:
+            ids = stage_ids(self.pp_rank, dims.pp, dims.virtual_stages)
+            self.stages = {s: split_stage(model, s, dims.num_stages).to(device) for s in ids}
+            self.pipeline: Pipeline | None = Pipeline(self.stages, dims.num_stages, self.pp_rank, dims.pp,
+                                                      self.pp_group, schedule, local_batch // micro_batch, device)
+        else:
+            self.stages = {0: model.to(device)}
+            self.pipeline = None
+        self._params = dict(self.named_parameters())
+
+    # -- parameters -------------------------------------------------------------------------------------
+    def modules(self) -> list[GPT]:
+        return list(self.stages.values())
+
+    def named_parameters(self):
+        seen = set()
+        for module in self.stages.values():
+            for name, p in module.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield name, p
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """Parameters and persistent buffers of this rank's stages, by global name."""
+        out = {}
+        for module in self.stages.values():
+            out.update(module.state_dict(keep_vars=True))
+        return out
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        groups = [g for m in self.stages.values() for g in m.param_groups(weight_decay)]
+        merged = {}
+        for g in groups:  # one group per weight decay value across stages
+            merged.setdefault(g["weight_decay"], []).extend(g["params"])
+        return [{"params": ps, "weight_decay": wd} for wd, ps in merged.items()]
+
+    def train(self, mode: bool = True) -> None:
+        for m in self.stages.values():
+            m.train(mode)
+
+    # -- steps ------------------------------------------------------------------------------------------
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, autocast) -> torch.Tensor | None:
+        """Gradients of the mean loss over this rank's ``local_batch`` sequences; returns that loss where
+        this rank computes it (the last pipeline stage), else None."""
+        x, y = x.to(self.device), y.to(self.device)
+        if self.pipeline is not None:
+            with autocast:
+                return self.pipeline.train_step(x, y)
+        model = self.stages[0]
+        steps = self.local_batch // self.micro_batch
+        total = torch.zeros((), device=self.device)
+        for i in range(steps):
+            sl = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
+            with autocast:
+                loss = model(x[sl], y[sl])
+            (loss / steps).backward()
+            total += loss.detach()
+        return total / steps
+
+    @torch.no_grad()
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor, autocast) -> torch.Tensor | None:
+        x, y = x.to(self.device), y.to(self.device)
+        self.train(False)
+        try:
+            with autocast:
+                if self.pipeline is not None:
+                    return self.pipeline.eval_loss(x, y)
+                return self.stages[0](x, y)
+        finally:
+            self.train(True)
+
+    def reduce_and_clip(self, max_norm: float) -> float:
+        """Sum partial tensor-parallel gradients, average over data parallel, clip to the global norm."""
+        grads = {n: p.grad for n, p in self._params.items() if p.grad is not None}
+        if self.tp_group is not None:
+            for name in self.partial:
+                if name in grads:
+                    dist.all_reduce(grads[name], group=self.tp_group)
+        all_reduce_mean(list(grads.values()), self.dp_group, self.dims.dp)
+        sharded = {n for n, d in self.placements.items() if d is not None}
+        return clip_global_norm(grads, sharded, max_norm, self.tp_group if self.dims.tp > 1 else None,
+                                self.pp_group if self.dims.pp > 1 else None)
+
+    def global_mean(self, local: torch.Tensor | None) -> float:
+        """The loss of the whole global batch, known on every rank (averaged over dp, taken from the last
+        pipeline stage and tensor-parallel rank 0)."""
+        if not dist.is_initialized():
+            return float(local)
+        last = self.pipeline is None or self.pipeline.has_last
+        value = torch.zeros((), dtype=torch.float64, device=self.device)
+        if last and self.tp_rank == 0 and local is not None:
+            value += float(local) / self.dims.dp
+        dist.all_reduce(value)
+        return float(value)
+
+
+# -- checkpoint boundary: local tensors <-> DTensors with their tensor-parallel placements ----------------
+
+def _as_global(t: torch.Tensor, dim: int | None, mesh: DeviceMesh | None):
+    """``t`` as a DTensor over the tp mesh dim (Shard(dim) or Replicate), or itself for one process."""
+    if mesh is None:
+        return t
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    tp_mesh = mesh["tp"]
+    if dim is None:
+        return DTensor.from_local(t, tp_mesh, [Replicate()], run_check=False)
+    shape = list(t.shape)
+    shape[dim] *= tp_mesh.size()
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(t, tp_mesh, [Shard(dim)], run_check=False, shape=torch.Size(shape), stride=stride)
+
+
+def checkpoint_state(pm: ParallelModel, optimizer: torch.optim.Optimizer) -> dict:
+    """``{"model": {name: tensor}, "optim": {name: {state: tensor}}}`` with global (DTensor) views.
+
+    The same layout on every topology, so torch.distributed.checkpoint reshards between any two.
+    """
+    tensors = {k: v.detach() for k, v in pm.named_tensors().items()}
+    model = {k: _as_global(v, pm.placements.get(k), pm.mesh) for k, v in tensors.items()}
+    by_param = {id(p): name for name, p in pm.named_parameters()}
+    optim: dict[str, dict] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = by_param[id(p)]
+            state = optimizer.state.get(p, {})
+            optim[name] = {k: (_as_global(v, pm.placements.get(name), pm.mesh)
+                               if torch.is_tensor(v) and v.shape == p.shape else v) for k, v in state.items()}
+    return {"model": model, "optim": optim}
+
+
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Materialise lazily created optimizer state (a zero-gradient step at lr 0 changes no parameter)."""
+    if all(p in optimizer.state for g in optimizer.param_groups for p in g["params"]):
+        return
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+        for p in g["params"]:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+
+
+def restore_state(loaded: dict, pm: ParallelModel, optimizer: torch.optim.Optimizer | None) -> None:
+    """Copy tensors filled by ``dcp.load`` back into parameters, buffers and optimizer state."""
+
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    with torch.no_grad():
+        for name, t in pm.named_tensors().items():
+            src = local(loaded["model"][name])
+            if src.data_ptr() != t.data_ptr():
+                t.copy_(src)
+        if optimizer is None:
+            return
+        params = dict(pm.named_parameters())
+        for name, state in loaded["optim"].items():
+            dst = optimizer.state[params[name]]
+            for k, v in state.items():
+                if torch.is_tensor(v):
+                    if local(v).data_ptr() != dst[k].data_ptr():
+                        dst[k].copy_(local(v))
+                else:
+                    dst[k] = v
