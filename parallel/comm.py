@@ -82,6 +82,9 @@ class GroupComm:
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
 
+    def __deepcopy__(self, memo):  # a communicator is shared, never copied (pipeline stages copy the model)
+        return self
+
     def copy(self, t: torch.Tensor) -> torch.Tensor:
         return _Copy.apply(t, self.group) if self.size > 1 else t
 

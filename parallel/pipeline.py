@@ -57,8 +57,8 @@ class Pipeline:
                  schedule: str, n_microbatches: int, device: torch.device):
         self.stages, self.num_stages, self.pp_rank, self.pp, self.group = stages, num_stages, pp_rank, pp, group
         self.device = device
-        last = stages.get(num_stages - 1)
-        loss_fn = last.loss_fn if last is not None else None
+        # Every rank passes the loss function: the schedule runs backward only where it has one.
+        loss_fn = next(iter(stages.values())).loss_fn
         pipeline_stages = [PipelineStage(m, idx, num_stages, device, group=group) for idx, m in stages.items()]
         cls = SCHEDULES[schedule]
         if schedule in MULTI_STAGE:
