@@ -1,0 +1,56 @@
+"""Shared settings of the multi-process training tests."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pretrain.metrics import read_metrics
+
+ROOT = Path(__file__).parents[2]
+
+STRUCTURES = {
+    "dense": "{kind: dense}",
+    "lowrank": "{kind: lowrank, rank: 8}",
+    "blockdiag": "{kind: blockdiag, blocks: 4}",
+    "monarch": "{kind: monarch, blocks: 4, rank: 2}",
+    "blast": "{kind: blast, blocks: 4, rank: 8}",
+}
+
+
+def tiny(store: Path, steps: int = 20, **extra) -> list[str]:
+    """Overrides for a tiny 8-layer model that divides every tested topology (tp up to 4, 8 stages)."""
+    base = {"data.paths": f"[{store}]", "data.seq_len": 32, "model.max_seq_len": 32, "model.d_model": 64,
+            "model.n_layers": 8, "model.n_heads": 4, "model.n_kv_heads": 4, "model.d_ff": 128,
+            "model.vocab_size": 512, "train.steps": steps, "train.global_batch": 16, "train.micro_batch": 2,
+            "train.eval_interval": 10, "train.eval_batches": 4, "optim.warmup_steps": 5, "optim.lr": 0.01,
+            "checkpoint.interval": 10, "checkpoint.keep": 0, "log.interval": 1, "log.progress": "false",
+            "log.tensorboard": "false", "log.peak_tflops": 1.0}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def topology(dp: int, tp: int, pp: int, schedule: str = "1f1b", virtual: int = 1) -> list[str]:
+    return [f"parallel.dp={dp}", f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.pp_schedule={schedule}",
+            f"parallel.virtual_stages={virtual}"]
+
+
+def torchrun(nproc: int, out: Path, structures: list[str], overrides: list[str], resume: str = "none") -> None:
+    """Run tests/parallel/driver.py on ``nproc`` gloo processes; raise with its output on failure."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(ROOT / "tests/parallel/driver.py"), "--out", str(out), "--structures", ",".join(structures),
+           "--resume", resume]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+
+
+def losses(run: Path, key: str = "train/loss") -> dict[int, float]:
+    return {s: r[key] for s, r in read_metrics(run / "metrics.jsonl").items() if key in r}
+
+
+def max_rel_diff(a: dict[int, float], b: dict[int, float], steps) -> float:
+    return max(abs(a[s] - b[s]) / abs(a[s]) for s in steps)

@@ -1,0 +1,91 @@
+"""(dp, tp, pp) training follows the single-process loss curve; checkpoints reshard across topologies."""
+
+import pytest
+
+from pretrain.config import ConfigError, load_config
+from pretrain.train import Trainer
+from tests.parallel.common import STRUCTURES, losses, max_rel_diff, tiny, topology, torchrun
+
+TOL = 1e-4
+TOPOLOGIES = {
+    "dp2-tp2-pp2": (8, topology(2, 2, 2)),
+    "dp1-tp2-pp2": (4, topology(1, 2, 2, "gpipe")),
+    "dp2-tp1-pp2": (4, topology(2, 1, 2)),
+    "dp2-tp2-pp1": (4, topology(2, 2, 1)),
+    "dp1-tp1-pp4-interleaved": (4, topology(1, 1, 4, "interleaved_1f1b", virtual=2)),
+}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_store, tmp_path_factory):
+    """Single-process losses of every structure."""
+    out = tmp_path_factory.mktemp("reference")
+    for name, spec in STRUCTURES.items():
+        Trainer(load_config(None, [*tiny(tiny_store), f"model.structure={{default: {spec}}}",
+                                   f"train.out_dir={out / name}"])).fit()
+    return out
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(TOPOLOGIES))
+def test_parallel_losses_follow_single_process(name, reference, tiny_store, tmp_path):
+    nproc, overrides = TOPOLOGIES[name]
+    torchrun(nproc, tmp_path, list(STRUCTURES), [*tiny(tiny_store), *overrides])
+    for structure in STRUCTURES:
+        ref, got = losses(reference / structure), losses(tmp_path / structure)
+        assert sorted(got) == list(range(1, 21))
+        diff = max_rel_diff(ref, got, range(1, 21))
+        assert diff < TOL, f"{name} {structure}: max relative loss difference {diff:.2e}"
+        val_ref, val = losses(reference / structure, "val/loss"), losses(tmp_path / structure, "val/loss")
+        assert max_rel_diff(val_ref, val, (0, 10, 20)) < TOL
+
+
+RESHARD = "blast"
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_checkpoints_reshard_between_topologies(reference, tiny_store, tmp_path):
+    """Save at step 10 on one topology, resume on another: steps 11-15 match the uninterrupted run."""
+    ref = losses(reference / RESHARD)
+    base = tiny(tiny_store)  # the reference's 20-step schedule; runs stop early with exit_after_steps
+    cases = {"222": (8, topology(2, 2, 2)), "142": (8, topology(1, 4, 2)), "111": (1, topology(1, 1, 1))}
+    plan = [("222", ["111", "142"]), ("142", ["222"])]
+    for saver, resumers in plan:
+        saved = tmp_path / f"save-{saver}"
+        nproc, overrides = cases[saver]
+        torchrun(nproc, saved, [RESHARD], [*base, *overrides, "train.exit_after_steps=10"])
+        ckpt = saved / RESHARD / "checkpoints" / "step_000010"
+        assert ckpt.is_dir()
+        for resumer in resumers:
+            out = tmp_path / f"{saver}-to-{resumer}"
+            nproc, overrides = cases[resumer]
+            run = [*base, *overrides, f"checkpoint.resume={ckpt}", "train.exit_after_steps=5"]
+            if nproc == 1:
+                Trainer(load_config(None, [*run, f"model.structure={{default: {STRUCTURES[RESHARD]}}}",
+                                           f"train.out_dir={out / RESHARD}"])).fit()
+            else:
+                torchrun(nproc, out, [RESHARD], run, resume=str(ckpt))
+            got = losses(out / RESHARD)
+            assert sorted(got) == list(range(11, 16)), sorted(got)
+            diff = max_rel_diff(ref, got, range(11, 16))
+            assert diff < TOL, f"{saver} -> {resumer}: {diff:.2e}"
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (topology(2, 1, 1), r"parallel.dp x parallel.tp x parallel.pp = 2 x 1 x 1 = 2, but the job has 1 processes"),
+        (["model.n_heads=4", "model.n_kv_heads=2", *topology(1, 4, 1)],
+         r"model.n_kv_heads=2 does not divide by parallel.tp=4"),
+        (["model.vocab_size=514", *topology(1, 4, 1)], r"model.vocab_size=514 does not divide by parallel.tp=4; "
+                                                       r"pad it with model.vocab_size=516"),
+        (topology(1, 1, 3), r"model.n_layers=8 does not divide by parallel.pp x parallel.virtual_stages=3"),
+        (["model.tie_embeddings=true", *topology(1, 1, 2)], r"tie_embeddings=true .* not supported with parallel.pp"),
+    ],
+)
+def test_bad_topologies_fail_before_any_work(overrides, message, tiny_store, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        Trainer(load_config(None, [*tiny(tiny_store), f"train.out_dir={tmp_path}", *overrides]))
+    assert not (tmp_path / "checkpoints").exists()
