@@ -12,40 +12,50 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 
-def _all_reduce(t: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+def _all_reduce(t: torch.Tensor, comm: "GroupComm") -> torch.Tensor:
     out = t.contiguous().clone()
-    dist.all_reduce(out, group=group)
+    comm.count(out, "all_reduce")
+    dist.all_reduce(out, group=comm.group)
     return out
 
 
-def _all_gather_last(t: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+def _all_gather_last(t: torch.Tensor, comm: "GroupComm") -> torch.Tensor:
+    group = comm.group
     size = dist.get_world_size(group)
     flat = torch.empty(size * t.numel(), dtype=t.dtype, device=t.device)
+    comm.count(flat, "all_gather")
     dist.all_gather_into_tensor(flat, t.contiguous().view(-1), group=group)
     parts = flat.view(size, *t.shape).movedim(0, -2)  # [..., size, n]
     return parts.reshape(*t.shape[:-1], size * t.shape[-1])
 
 
-def _slice_last(t: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
+def _slice_last(t: torch.Tensor, comm: "GroupComm") -> torch.Tensor:
+    size, rank = comm.size, comm.rank
     return t.chunk(size, dim=-1)[rank].contiguous()
+
+
+def ring_bytes(nbytes: int, size: int, kind: str) -> int:
+    """Bytes one rank sends for a collective over ``size`` ranks whose full result is ``nbytes``:
+    all-reduce ``2 (p-1)/p N`` (reduce-scatter + all-gather), all-gather ``(p-1)/p N``."""
+    factor = {"all_reduce": 2, "all_gather": 1}[kind]
+    return factor * nbytes * (size - 1) // size
 
 
 class _Copy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, t, group):
-        ctx.group = group
+    def forward(ctx, t, comm):
+        ctx.comm = comm
         return t
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
+        return _all_reduce(grad, ctx.comm), None
 
 
 class _Reduce(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, t, group):
-        return _all_reduce(t, group)
+    def forward(ctx, t, comm):
+        return _all_reduce(t, comm)
 
     @staticmethod
     def backward(ctx, grad):
@@ -54,24 +64,24 @@ class _Reduce(torch.autograd.Function):
 
 class _Scatter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, t, group):
-        ctx.group = group
-        return _slice_last(t, group)
+    def forward(ctx, t, comm):
+        ctx.comm = comm
+        return _slice_last(t, comm)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather_last(grad, ctx.group), None
+        return _all_gather_last(grad, ctx.comm), None
 
 
 class _Gather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, t, group):
-        ctx.group = group
-        return _all_gather_last(t, group)
+    def forward(ctx, t, comm):
+        ctx.comm = comm
+        return _all_gather_last(t, comm)
 
     @staticmethod
     def backward(ctx, grad):
-        return _slice_last(grad, ctx.group), None
+        return _slice_last(grad, ctx.comm), None
 
 
 class GroupComm:
@@ -81,24 +91,37 @@ class GroupComm:
         self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
+        self.bytes = 0
+        """Bytes this rank has sent so far (ring algorithms; what ``tools/bench_parallel.py`` reports)."""
+
+    def count(self, t: torch.Tensor, kind: str) -> None:
+        self.bytes += ring_bytes(t.numel() * t.element_size(), self.size, kind)
 
     def __deepcopy__(self, memo):  # a communicator is shared, never copied (pipeline stages copy the model)
         return self
 
     def copy(self, t: torch.Tensor) -> torch.Tensor:
-        return _Copy.apply(t, self.group) if self.size > 1 else t
+        return _Copy.apply(t, self) if self.size > 1 else t
 
     def reduce(self, t: torch.Tensor) -> torch.Tensor:
-        return _Reduce.apply(t, self.group) if self.size > 1 else t
+        return _Reduce.apply(t, self) if self.size > 1 else t
 
     def scatter(self, t: torch.Tensor) -> torch.Tensor:
-        return _Scatter.apply(t, self.group) if self.size > 1 else t
+        return _Scatter.apply(t, self) if self.size > 1 else t
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
-        return _Gather.apply(t, self.group) if self.size > 1 else t
+        return _Gather.apply(t, self) if self.size > 1 else t
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """In-place sum over the group (no autograd), e.g. for partial gradients."""
         if self.size > 1:
+            self.count(t, "all_reduce")
             dist.all_reduce(t, group=self.group)
+        return t
+
+    def all_reduce_max_(self, t: torch.Tensor) -> torch.Tensor:
+        """In-place max over the group (no autograd)."""
+        if self.size > 1:
+            self.count(t, "all_reduce")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return t

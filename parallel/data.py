@@ -6,21 +6,27 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from parallel.comm import ring_bytes
+
 BUCKET_ELEMENTS = 1 << 22
 
 
-def all_reduce_mean(grads: list[torch.Tensor], group: ProcessGroup | None, size: int) -> None:
-    """Average gradients over ``group`` in flat buckets (one all-reduce per bucket and dtype)."""
+def all_reduce_mean(grads: list[torch.Tensor], group: ProcessGroup | None, size: int) -> int:
+    """Average gradients over ``group`` in flat buckets (one all-reduce per bucket and dtype); returns the
+    bytes this rank sent (ring all-reduce)."""
     if group is None or size == 1 or not grads:
-        return
+        return 0
     bucket: list[torch.Tensor] = []
     count = 0
+    sent = 0
 
     def flush():
         nonlocal bucket, count
         if not bucket:
             return
+        nonlocal sent
         flat = torch.cat([g.reshape(-1) for g in bucket])
+        sent += ring_bytes(flat.numel() * flat.element_size(), size, "all_reduce")
         dist.all_reduce(flat, group=group)
         flat.div_(size)
         offset = 0
@@ -35,6 +41,7 @@ def all_reduce_mean(grads: list[torch.Tensor], group: ProcessGroup | None, size:
         bucket.append(g)
         count += g.numel()
     flush()
+    return sent
 
 
 def clip_global_norm(named_grads: dict[str, torch.Tensor], sharded: set[str], max_norm: float,

@@ -66,6 +66,14 @@ class Pipeline:
         else:
             self.schedule = cls(pipeline_stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)
 
+    def p2p_bytes(self, batch: int, seq_len: int) -> int:
+        """Bytes this rank sends per step: activations forward from each owned non-last stage and their
+        gradients backward from each owned non-first stage (fp32 ``[batch, T, d]`` in micro-batches)."""
+        cfg = next(iter(self.stages.values())).cfg
+        per_stage = batch * seq_len * cfg.d_model * 4
+        sends = sum((s != self.num_stages - 1) + (s != 0) for s in self.stages)
+        return sends * per_stage
+
     @property
     def has_first(self) -> bool:
         return 0 in self.stages

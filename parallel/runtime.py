@@ -34,8 +34,11 @@ class ParallelModel:
         self.placements = {name: None for name, _ in model.named_parameters()}
         self.placements.update({name: None for name, _ in model.named_buffers()})
         self.partial: set[str] = set()
-        if dims.tp > 1:
-            placements, self.partial = apply_tp(model, GroupComm(self.tp_group))
+        self.tp_comm = GroupComm(self.tp_group) if dims.tp > 1 else None
+        self.comm_bytes = {"dp": 0, "pp": 0}
+        """Bytes this rank all-reduced over dp and sent over pp (tp: ``tp_comm.bytes``)."""
+        if self.tp_comm is not None:
+            placements, self.partial = apply_tp(model, self.tp_comm)
             self.placements.update(placements)
         if dims.pp > 1:
             ids = stage_ids(self.pp_rank, dims.pp, dims.virtual_stages)
@@ -83,6 +86,7 @@ class ParallelModel:
         this rank computes it (the last pipeline stage), else None."""
         x, y = x.to(self.device), y.to(self.device)
         if self.pipeline is not None:
+            self.comm_bytes["pp"] += self.pipeline.p2p_bytes(*x.shape)
             with autocast:
                 return self.pipeline.train_step(x, y)
         model = self.stages[0]
@@ -112,10 +116,10 @@ class ParallelModel:
         """Sum partial tensor-parallel gradients, average over data parallel, clip to the global norm."""
         grads = {n: p.grad for n, p in self._params.items() if p.grad is not None}
         if self.tp_group is not None:
-            for name in self.partial:
+            for name in sorted(self.partial):  # the same order on every rank (set order is per-process)
                 if name in grads:
-                    dist.all_reduce(grads[name], group=self.tp_group)
-        all_reduce_mean(list(grads.values()), self.dp_group, self.dims.dp)
+                    self.tp_comm.all_reduce_(grads[name])
+        self.comm_bytes["dp"] += all_reduce_mean(list(grads.values()), self.dp_group, self.dims.dp)
         sharded = {n for n, d in self.placements.items() if d is not None}
         return clip_global_norm(grads, sharded, max_norm, self.tp_group if self.dims.tp > 1 else None,
                                 self.pp_group if self.dims.pp > 1 else None)

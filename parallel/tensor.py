@@ -49,8 +49,7 @@ class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, start, comm):
         logits = logits.float()
-        peak = logits.max(dim=-1).values
-        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX, group=comm.group)
+        peak = comm.all_reduce_max_(logits.max(dim=-1).values)
         shifted = logits - peak[..., None]
         exp = shifted.exp()
         total = exp.sum(dim=-1)
