@@ -2,10 +2,10 @@
 
 Usage:
     python tools/bench_parallel.py                                   # tp=4 on 4 CPU processes (gloo)
-    python tools/bench_parallel.py --nproc 8 --dp 2 --tp 2 --pp 2 --steps 8
-    python tools/bench_parallel.py --d-model 768 --layers 12 --nproc 8 --tp 8     # on a GPU node
+    python tools/bench_parallel.py --world 8 --dp 2 --tp 2 --pp 2 --steps 8
+    python tools/bench_parallel.py --d-model 768 --layers 12 --world 8 --tp 8     # on a GPU node
 
-Re-launches itself under torchrun with ``--nproc`` processes. Every structure trains the same shapes
+Re-launches itself under torchrun with ``--world`` processes. Every structure trains the same shapes
 (``--d-model``, ``--layers``; every attention and MLP projection structured at about a quarter of the dense
 parameters) on the default corpus for ``--steps`` steps; the first two are warm-up for tokens/s. Bytes are
 what one rank (rank 0) sends per step, counting ring algorithms (all-reduce 2(p-1)/p N, all-gather
@@ -35,7 +35,7 @@ SPECS = {
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--nproc", type=int, default=4)
+    ap.add_argument("--world", type=int, default=4)
     ap.add_argument("--dp", type=int, default=1)
     ap.add_argument("--tp", type=int, default=4)
     ap.add_argument("--pp", type=int, default=1)
@@ -105,8 +105,8 @@ def main(argv=None) -> int:
         return 2
     if "dense" not in args.structures.split(","):
         args.structures = "dense," + args.structures
-    if args.dp * args.tp * args.pp != args.nproc:
-        print(f"error: --dp x --tp x --pp = {args.dp * args.tp * args.pp} must equal --nproc {args.nproc}",
+    if args.dp * args.tp * args.pp != args.world:
+        print(f"error: --dp x --tp x --pp = {args.dp * args.tp * args.pp} must equal --world {args.world}",
               file=sys.stderr)
         return 2
     if args.worker:
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         return 0
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with tempfile.TemporaryDirectory(prefix="bench-parallel-") as tmp:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.world}",
                __file__, "--worker", tmp, *(argv if argv is not None else sys.argv[1:])]
         return subprocess.call(cmd, env=env)
 
