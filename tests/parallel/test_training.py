@@ -5,7 +5,6 @@ import pytest
 from pretrain.config import ConfigError, load_config
 from pretrain.train import Trainer
 from tests.parallel.common import (
-    ALL_STRUCTURES,
     STRUCTURES,
     losses,
     max_rel_diff,
@@ -28,7 +27,7 @@ TOPOLOGIES = {
 def reference(tiny_store, tmp_path_factory):
     """Single-process losses of every structure."""
     out = tmp_path_factory.mktemp("reference")
-    for name, spec in ALL_STRUCTURES.items():
+    for name, spec in STRUCTURES.items():
         Trainer(load_config(None, [*tiny(tiny_store), f"model.structure={{default: {spec}}}",
                                    f"train.out_dir={out / name}"])).fit()
     return out
@@ -39,8 +38,10 @@ def reference(tiny_store, tmp_path_factory):
 @pytest.mark.parametrize("name", list(TOPOLOGIES))
 def test_parallel_losses_follow_single_process(name, reference, tiny_store, tmp_path):
     nproc, overrides = TOPOLOGIES[name]
-    # Every structure on one topology with dp, tp and partial-gradient reduction; the main five on all.
-    structures = list(ALL_STRUCTURES) if name == "dp2-tp2-pp1" else list(STRUCTURES)
+    # The sparse kinds are checked exactly at the layer level (tests/parallel/test_tensor_layers.py), not here:
+    # nm re-selects its mask by magnitude every step, so 1e-7 rounding differences flip near-ties and the
+    # trajectories separate discretely, and blocksparse's run has a loss spike that amplifies them.
+    structures = list(STRUCTURES)
     torchrun(nproc, tmp_path, structures, [*tiny(tiny_store), *overrides])
     for structure in structures:
         ref, got = losses(reference / structure), losses(tmp_path / structure)
@@ -48,7 +49,8 @@ def test_parallel_losses_follow_single_process(name, reference, tiny_store, tmp_
         diff = max_rel_diff(ref, got, range(1, 21))
         assert diff < TOL, f"{name} {structure}: max relative loss difference {diff:.2e}"
         val_ref, val = losses(reference / structure, "val/loss"), losses(tmp_path / structure, "val/loss")
-        assert max_rel_diff(val_ref, val, (0, 10, 20)) < TOL
+        diff = max_rel_diff(val_ref, val, (0, 10, 20))
+        assert diff < TOL, f"{name} {structure}: max relative validation loss difference {diff:.2e}"
 
 
 RESHARD = "blast"
