@@ -20,6 +20,7 @@ TOPOLOGIES = {
     "dp2-tp1-pp2": (4, topology(2, 1, 2)),
     "dp2-tp2-pp1": (4, topology(2, 2, 1)),
     "dp1-tp1-pp4-interleaved": (4, topology(1, 1, 4, "interleaved_1f1b", virtual=2)),
+    "dp1-tp1-pp2-zero-bubble": (2, topology(1, 1, 2, "zero_bubble", virtual=2)),
 }
 
 
