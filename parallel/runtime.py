@@ -24,7 +24,6 @@ class ParallelModel:
                  micro_batch: int, local_batch: int, schedule: str = "1f1b"):
         self.dims, self.mesh, self.device = dims, mesh, device
         self.micro_batch, self.local_batch = micro_batch, local_batch
-        self.cfg = model.cfg
         groups = {name: mesh.get_group(name) for name in ("pp", "dp", "tp")} if mesh is not None else {}
         self.tp_group, self.dp_group, self.pp_group = groups.get("tp"), groups.get("dp"), groups.get("pp")
         self.tp_rank = dist.get_rank(self.tp_group) if self.tp_group else 0
@@ -51,9 +50,6 @@ class ParallelModel:
         self._params = dict(self.named_parameters())
 
     # -- parameters -------------------------------------------------------------------------------------
-    def modules(self) -> list[GPT]:
-        return list(self.stages.values())
-
     def named_parameters(self):
         seen = set()
         for module in self.stages.values():
@@ -154,13 +150,17 @@ def _as_global(t: torch.Tensor, dim: int | None, mesh: DeviceMesh | None):
     return DTensor.from_local(t, tp_mesh, [Shard(dim)], run_check=False, shape=torch.Size(shape), stride=stride)
 
 
+def model_state(pm: ParallelModel) -> dict:
+    """Parameters and persistent buffers by name, as global (DTensor) views of this rank's tensors."""
+    return {k: _as_global(v.detach(), pm.placements.get(k), pm.mesh) for k, v in pm.named_tensors().items()}
+
+
 def checkpoint_state(pm: ParallelModel, optimizer: torch.optim.Optimizer) -> dict:
     """``{"model": {name: tensor}, "optim": {name: {state: tensor}}}`` with global (DTensor) views.
 
     The same layout on every topology, so torch.distributed.checkpoint reshards between any two.
     """
-    tensors = {k: v.detach() for k, v in pm.named_tensors().items()}
-    model = {k: _as_global(v, pm.placements.get(k), pm.mesh) for k, v in tensors.items()}
+    model = model_state(pm)
     by_param = {id(p): name for name, p in pm.named_parameters()}
     optim: dict[str, dict] = {}
     for group in optimizer.param_groups:

@@ -26,7 +26,7 @@ from model.gpt import GPT
 from model.structured import StructureError
 from parallel.mesh import ParallelDims, TopologyError, build_mesh, init_distributed
 from parallel.runtime import ParallelModel, checkpoint_state, init_optimizer_state, restore_state
-from pretrain.checkpoint import Checkpointer, CheckpointError, check_model_config, read_meta, resolve_step_dir
+from pretrain.checkpoint import Checkpointer, CheckpointError, resolve_step_dir
 from pretrain.config import Config, ConfigError, UserError, dump_config, load_config, to_dict
 from pretrain.data import Corpus
 from pretrain.metrics import Metrics, peak_tflops
@@ -109,7 +109,6 @@ class Trainer:
         path = self.ckpt.latest() if mode == "auto" else resolve_step_dir(mode)
         if path is None:
             return
-        check_model_config(read_meta(path), to_dict(self.cfg.model), path)
         init_optimizer_state(self.optimizer)
         state = checkpoint_state(self.model, self.optimizer)
         meta = self.ckpt.load(path, state, to_dict(self.cfg.model))

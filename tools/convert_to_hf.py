@@ -21,7 +21,7 @@ import torch
 
 from model.gpt import GPT
 from parallel.mesh import ParallelDims
-from parallel.runtime import ParallelModel, checkpoint_state, restore_state
+from parallel.runtime import ParallelModel, model_state, restore_state
 from pretrain.checkpoint import Checkpointer, read_meta, resolve_step_dir
 from pretrain.config import Config, UserError, from_dict, to_dict
 
@@ -32,7 +32,7 @@ def load_checkpoint_model(checkpoint: str | Path) -> tuple[GPT, Config, Path]:
     cfg = from_dict(Config, read_meta(step_dir)["config"])
     model = GPT(cfg.model)
     single = ParallelModel(model, ParallelDims(), None, torch.device("cpu"), 1, 1)
-    state = {"model": checkpoint_state(single, torch.optim.SGD(model.parameters(), lr=0.0))["model"]}
+    state = {"model": model_state(single)}
     Checkpointer(step_dir.parent).load(step_dir, state, to_dict(cfg.model), restore_rng=False)
     restore_state(state, single, None)
     return model.eval(), cfg, step_dir

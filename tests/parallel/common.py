@@ -16,12 +16,6 @@ STRUCTURES = {
     "monarch": "{kind: monarch, blocks: 4, rank: 2}",
     "blast": "{kind: blast, blocks: 4, rank: 8}",
 }
-MORE_STRUCTURES = {
-    "blocksparse": "{kind: blocksparse, block_size: 8, density: 0.5}",
-    "nm": "{kind: nm, n: 2, m: 4}",
-    "sparse_lowrank": "{kind: sparse_lowrank, rank: 8, density: 0.05}",
-}
-ALL_STRUCTURES = {**STRUCTURES, **MORE_STRUCTURES}
 
 
 def tiny(store: Path, steps: int = 20, **extra) -> list[str]:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from pretrain.config import load_config
 from pretrain.train import Trainer
-from tests.parallel.common import ALL_STRUCTURES
+from tests.parallel.common import STRUCTURES
 
 
 def main() -> int:
@@ -27,7 +27,7 @@ def main() -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     for name in args.structures.split(","):
-        overrides = [*args.overrides, f"model.structure={{default: {ALL_STRUCTURES[name]}}}",
+        overrides = [*args.overrides, f"model.structure={{default: {STRUCTURES[name]}}}",
                      f"train.out_dir={Path(args.out) / name}", f"checkpoint.resume={args.resume}"]
         Trainer(load_config(None, overrides)).fit()
     dist.destroy_process_group()
