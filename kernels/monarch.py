@@ -3,8 +3,10 @@
 Layout (Dao et al., 2022, rectangular form): ``R`` has ``nbR`` blocks ``[m, in/nbR]`` producing a hidden
 vector of ``nbR * m`` elements; the hidden vector is re-read with stride ``nbL`` (element ``h`` goes to
 column ``h // nbL`` of block ``h % nbL`` of the second factor), ``L`` has ``nbL`` blocks ``[s, nbR*m/nbL]``,
-and output element ``s_idx * nbL + l`` is row ``s_idx`` of block ``l``. The unsharded layer has
-``nbR = nbL``; a row-parallel shard holds a slice of R's blocks and the matching columns of L.
+and output element ``l * s + s_idx`` is row ``s_idx`` of block ``l`` (block-major, so a contiguous slice of
+the output is a set of whole L blocks). The unsharded layer has ``nbR = nbL``; a tensor-parallel shard holds
+a slice of R's blocks and a slice of L's blocks, and exchanges the hidden vector in between with one
+all-to-all so that ``monarch_left`` sees every R block's contribution to its own L blocks.
 """
 
 import torch
@@ -19,12 +21,12 @@ def monarch_right(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 
 def monarch_left(h: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """Stride permutation and second factor: ``[..., nbL * rL] -> [..., s * nbL]``."""
+    """Stride permutation and second factor: ``[..., rL * nbL] -> [..., nbL * s]`` (block-major output)."""
     nbl, s, rl = l.shape
     lead = h.shape[:-1]
     hb = h.reshape(*lead, rl, nbl).transpose(-1, -2)  # [..., nbL, rL]: element r*nbL + l -> block l
-    y = torch.einsum("...lr,lsr->...sl", hb, l)  # [..., s, nbL]
-    return y.reshape(*lead, s * nbl)
+    y = torch.einsum("...lr,lsr->...ls", hb, l)  # [..., nbL, s]
+    return y.reshape(*lead, nbl * s)
 
 
 def monarch_matmul(x: torch.Tensor, r: torch.Tensor, l: torch.Tensor) -> torch.Tensor:

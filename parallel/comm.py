@@ -1,7 +1,8 @@
 """Megatron's conjugate tensor-parallel operators on an explicit process group.
 
 ``copy`` (identity / all-reduce backward), ``reduce`` (all-reduce / identity), ``scatter`` (slice of the last
-dim / all-gather) and ``gather`` (all-gather / slice). megatron-core has the same four in
+dim / all-gather) and ``gather`` (all-gather / slice), plus ``all_to_all`` (chunk i of dim 0 goes to rank i,
+in both directions). megatron-core has the same four in
 ``tensor_parallel.mappings``, but its gather allocates on ``torch.cuda.current_device()`` (no CPU) and its
 all-reduce runs on ``input.contiguous()`` and returns the input, which silently drops the reduction of a
 non-contiguous gradient; these versions make every buffer contiguous and run on gloo and NCCL alike.
@@ -34,10 +35,19 @@ def _slice_last(t: torch.Tensor, comm: "GroupComm") -> torch.Tensor:
     return t.chunk(size, dim=-1)[rank].contiguous()
 
 
+def _all_to_all(t: torch.Tensor, comm: "GroupComm") -> torch.Tensor:
+    send = t.contiguous()
+    out = torch.empty_like(send)
+    comm.count(send, "all_to_all")
+    dist.all_to_all_single(out, send, group=comm.group)
+    return out
+
+
 def ring_bytes(nbytes: int, size: int, kind: str) -> int:
     """Bytes one rank sends for a collective over ``size`` ranks whose full result is ``nbytes``:
-    all-reduce ``2 (p-1)/p N`` (reduce-scatter + all-gather), all-gather ``(p-1)/p N``."""
-    factor = {"all_reduce": 2, "all_gather": 1}[kind]
+    all-reduce ``2 (p-1)/p N`` (reduce-scatter + all-gather), all-gather ``(p-1)/p N``; for an all-to-all
+    ``nbytes`` is the rank's own buffer, of which it sends ``(p-1)/p``."""
+    factor = {"all_reduce": 2, "all_gather": 1, "all_to_all": 1}[kind]
     return factor * nbytes * (size - 1) // size
 
 
@@ -84,6 +94,17 @@ class _Gather(torch.autograd.Function):
         return _slice_last(grad, ctx.comm), None
 
 
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, comm):
+        ctx.comm = comm
+        return _all_to_all(t, comm)
+
+    @staticmethod
+    def backward(ctx, grad):  # the exchange is a permutation of the ranks' chunks: its adjoint is itself
+        return _all_to_all(grad, ctx.comm), None
+
+
 class GroupComm:
     """The ``TensorParallelComm`` of ``model/structured`` over one process group."""
 
@@ -93,9 +114,12 @@ class GroupComm:
         self.size = dist.get_world_size(group)
         self.bytes = 0
         """Bytes this rank has sent so far (ring algorithms; what ``tools/bench_parallel.py`` reports)."""
+        self.log: list[tuple[str, int]] = []
+        """(collective, elements of its full buffer) of every collective issued, for tests and benchmarks."""
 
     def count(self, t: torch.Tensor, kind: str) -> None:
         self.bytes += ring_bytes(t.numel() * t.element_size(), self.size, kind)
+        self.log.append((kind, t.numel()))
 
     def __deepcopy__(self, memo):  # a communicator is shared, never copied (pipeline stages copy the model)
         return self
@@ -111,6 +135,9 @@ class GroupComm:
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         return _Gather.apply(t, self) if self.size > 1 else t
+
+    def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
+        return _AllToAll.apply(t, self) if self.size > 1 else t
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """In-place sum over the group (no autograd), e.g. for partial gradients."""

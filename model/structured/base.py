@@ -42,6 +42,11 @@ class TensorParallelComm(Protocol):
         """All-gather along the last dim forward, this rank's slice of the gradient backward."""
         ...
 
+    def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
+        """Chunk ``i`` of dim 0 (``size`` chunks) goes to rank ``i``; received chunks stack in rank order.
+        The gradient takes the same exchange back."""
+        ...
+
 
 Style = Literal["column", "row"]
 

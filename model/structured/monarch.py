@@ -42,23 +42,30 @@ class MonarchLinear(StructuredLinear):
         return self._at("out", monarch_left(h, self.l))
 
     def shard(self, tp_rank, tp_size, style, comm):
+        # Both styles hold R's blocks k and L's blocks l of this rank (contiguous in rank order) and run one
+        # all-to-all of the hidden vector between the factors: the part of h that feeds another rank's L
+        # blocks goes there. The input of a column shard is replicated, so it takes its slice of the input
+        # (the gradient is all-gathered); the output of a row shard is a block slice, so it is all-gathered.
         nb = self.blocks
-        if style == "column":
-            # R replicated, L's rows (s) split: the rank's outputs s*nb + l form a contiguous slice.
-            # The hidden vector's gradient is all-reduced.
-            self.check_tp(tp_size, rows_per_block=self.out_features // nb)
-            l = split(self.l, 1, tp_rank, tp_size)
-            local = self._local(self.in_features, l.shape[1] * nb, {"r": self.r, "l": l}, {"mid": comm.copy})
-            return LayerShard(local, {"r": None, "l": 1})
-        # Row: the rank's input blocks of R, and the hidden columns of L they feed; partial outputs reduced.
         self.check_tp(tp_size, blocks=nb)
-        r, l = split(self.r, 0, tp_rank, tp_size), split(self.l, 2, tp_rank, tp_size)
-        local = self._local(r.shape[0] * r.shape[2], self.out_features, {"r": r, "l": l}, {"out": comm.reduce})
-        return LayerShard(local, {"r": 0, "l": 2})
+        r, l = split(self.r, 0, tp_rank, tp_size), split(self.l, 0, tp_rank, tp_size)
+        lb = nb // tp_size
+
+        def exchange(h):  # [..., kb*c*nb] (hidden index (k*c + t)*nb + l) -> [..., nb*c*lb]
+            lead = h.shape[:-1]
+            chunks = h.reshape(*lead, -1, tp_size, lb).movedim(-2, 0)  # [tp (dest), ..., kb*c, lb]
+            got = comm.all_to_all(chunks)  # [tp (source), ..., kb*c, lb]: sources hold k in rank order
+            return got.movedim(0, -3).reshape(*lead, -1)
+
+        edge = {"in": comm.scatter} if style == "column" else {"out": comm.gather}
+        in_f = self.in_features if style == "column" else self.in_features // tp_size
+        out_f = self.out_features // tp_size if style == "column" else self.out_features
+        local = self._local(in_f, out_f, {"r": r, "l": l}, {"mid": exchange, **edge})
+        return LayerShard(local, {"r": 0, "l": 0})
 
     def _sub_blocks_to_dense(self, sub: torch.Tensor) -> torch.Tensor:
-        """``sub[l, k, s, p]`` (output block l, input block k) -> ``[out, in]`` with row ``s*nb + l``."""
-        return sub.permute(2, 0, 1, 3).reshape(self.out_features, self.in_features)
+        """``sub[l, k, s, p]`` (output block l, input block k) -> ``[out, in]`` with row ``l*s + s_idx``."""
+        return sub.permute(0, 2, 1, 3).reshape(self.out_features, self.in_features)
 
     def to_dense(self):
         nb, c = self.blocks, self.rank
@@ -71,7 +78,7 @@ class MonarchLinear(StructuredLinear):
     def _fit(self, w):
         nb, c = self.blocks, self.rank
         s_dim, p_dim = self.out_features // nb, self.in_features // nb
-        sub = w.reshape(s_dim, nb, nb, p_dim).permute(1, 2, 0, 3)  # [l, k, s, p]
+        sub = w.reshape(nb, s_dim, nb, p_dim).permute(0, 2, 1, 3)  # [l, k, s, p]
         uu, sv, vh = torch.linalg.svd(sub, full_matrices=False)  # [l,k,s,x], [l,k,x], [l,k,x,p]
         root = sv[..., :c].sqrt()
         left = uu[..., :c] * root[..., None, :]  # [l, k, s, t]

@@ -24,7 +24,7 @@ IN, OUT = 32, 48
 
 def _check_all(rank, world):
     comm = GroupComm(dist.group.WORLD)
-    checked = []
+    checked = {}
     for name, spec in SPECS.items():
         for style in ("column", "row"):
             torch.manual_seed(0)
@@ -37,15 +37,18 @@ def _check_all(rank, world):
 
             sh = full.shard(rank, world, style, comm)
             local = sh.layer
+            comm.log.clear()
             if style == "column":
                 xl = x.detach().clone().requires_grad_()
                 yl = local(xl)
+                forward = list(comm.log)
                 torch.testing.assert_close(yl, y.chunk(world, -1)[rank], rtol=1e-12, atol=1e-12)
                 (yl * gy.chunk(world, -1)[rank]).sum().backward()
                 torch.testing.assert_close(xl.grad, x.grad, rtol=1e-12, atol=1e-12)
             else:
                 xl = x.detach().chunk(world, -1)[rank].clone().requires_grad_()
                 yl = local(xl)
+                forward = list(comm.log)
                 torch.testing.assert_close(yl, y, rtol=1e-12, atol=1e-12)
                 (yl * gy).sum().backward()
                 torch.testing.assert_close(xl.grad, x.grad.chunk(world, -1)[rank], rtol=1e-12, atol=1e-12)
@@ -59,7 +62,7 @@ def _check_all(rank, world):
                 torch.testing.assert_close(g, expected, rtol=1e-12, atol=1e-12, msg=f"{name} {style} {pname}")
             for tname in list(dict(local.named_parameters())) + list(dict(local.named_buffers())):
                 assert tname in sh.placements, f"{name}: {tname} has no placement"
-            checked.append(f"{name}-{style}")
+            checked[f"{name}-{style}"] = forward
     return checked
 
 
@@ -68,3 +71,14 @@ def _check_all(rank, world):
 def test_sharded_layers_match_unsharded(world):
     checked = run(_check_all, world)
     assert len(checked) == 2 * len(SPECS)
+    # Each structure communicates in its compressed space (DESIGN.md section 3); 6 tokens per forward.
+    tokens = 6
+    assert checked["dense-row"] == [("all_reduce", tokens * OUT)]
+    assert checked["lowrank-row"] == [("all_reduce", tokens * 6)]  # the rank-6 intermediate
+    assert checked["blast-row"] == [("all_reduce", tokens * 4 * 6)]  # the [blocks, rank] coupled intermediate
+    assert checked["blockdiag-column"] == []  # whole blocks: nothing inside the layer
+    hidden = 4 * 2 * 4  # monarch: blocks * rank * blocks hidden units, each rank exchanges its 1/world
+    assert checked["monarch-column"] == [("all_to_all", tokens * hidden // world)]
+    assert checked["monarch-row"] == [("all_to_all", tokens * hidden // world), ("all_gather", tokens * OUT)]
+    for key in ("dense-column", "lowrank-column", "blast-column"):
+        assert checked[key] == [], key

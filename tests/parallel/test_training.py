@@ -57,6 +57,16 @@ def test_parallel_losses_follow_single_process(name, reference, tiny_store, tmp_
 RESHARD = "blast"
 
 
+def _run(nproc, out, overrides, resume=None):
+    """Train RESHARD on ``nproc`` processes (in this process when 1) into ``out / RESHARD``."""
+    if nproc == 1:
+        extra = [f"checkpoint.resume={resume}"] if resume else []
+        Trainer(load_config(None, [*overrides, *extra, f"model.structure={{default: {STRUCTURES[RESHARD]}}}",
+                                   f"train.out_dir={out / RESHARD}"])).fit()
+    else:
+        torchrun(nproc, out, [RESHARD], overrides, resume=resume or "none")
+
+
 @pytest.mark.dist
 @pytest.mark.slow
 def test_checkpoints_reshard_between_topologies(reference, tiny_store, tmp_path):
@@ -64,22 +74,17 @@ def test_checkpoints_reshard_between_topologies(reference, tiny_store, tmp_path)
     ref = losses(reference / RESHARD)
     base = tiny(tiny_store)  # the reference's 20-step schedule; runs stop early with exit_after_steps
     cases = {"222": (8, topology(2, 2, 2)), "142": (8, topology(1, 4, 2)), "111": (1, topology(1, 1, 1))}
-    plan = [("222", ["111", "142"]), ("142", ["222"])]
+    plan = [("222", ["111", "142"]), ("142", ["222"]), ("111", ["222"])]
     for saver, resumers in plan:
         saved = tmp_path / f"save-{saver}"
         nproc, overrides = cases[saver]
-        torchrun(nproc, saved, [RESHARD], [*base, *overrides, "train.exit_after_steps=10"])
+        _run(nproc, saved, [*base, *overrides, "train.exit_after_steps=10"])
         ckpt = saved / RESHARD / "checkpoints" / "step_000010"
         assert ckpt.is_dir()
         for resumer in resumers:
             out = tmp_path / f"{saver}-to-{resumer}"
             nproc, overrides = cases[resumer]
-            run = [*base, *overrides, f"checkpoint.resume={ckpt}", "train.exit_after_steps=5"]
-            if nproc == 1:
-                Trainer(load_config(None, [*run, f"model.structure={{default: {STRUCTURES[RESHARD]}}}",
-                                           f"train.out_dir={out / RESHARD}"])).fit()
-            else:
-                torchrun(nproc, out, [RESHARD], run, resume=str(ckpt))
+            _run(nproc, out, [*base, *overrides, "train.exit_after_steps=5"], resume=str(ckpt))
             got = losses(out / RESHARD)
             assert sorted(got) == list(range(11, 16)), sorted(got)
             diff = max_rel_diff(ref, got, range(11, 16))
