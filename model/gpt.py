@@ -194,10 +194,15 @@ class GPT(nn.Module):
         return {"projections": proj, "attention": attn, "head": head, "forward": forward, "train": 3 * forward}
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """Optimizer groups: norms without weight decay, everything else with it."""
-        norm_ids = {id(p) for m in self.modules() if isinstance(m, nn.RMSNorm) for p in m.parameters()}
-        decay, no_decay = [], []
+        """Optimizer groups by ``role``: ``matrix`` (projections), ``embedding`` (token embedding and output
+        head) and ``norm`` (no weight decay). Empty groups are left out."""
+        ids = {"norm": {id(p) for m in self.modules() if isinstance(m, nn.RMSNorm) for p in m.parameters()},
+               "embedding": {id(p) for m in (self.tok_embeddings, self.output) if m is not None
+                             for p in m.parameters()}}
+        groups = {role: [] for role in ("matrix", "embedding", "norm")}
         for p in self.parameters():
             if p.requires_grad:
-                (no_decay if id(p) in norm_ids else decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+                role = next((r for r, s in ids.items() if id(p) in s), "matrix")
+                groups[role].append(p)
+        return [{"params": ps, "weight_decay": 0.0 if role == "norm" else weight_decay, "role": role}
+                for role, ps in groups.items() if ps]

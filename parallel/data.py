@@ -1,6 +1,7 @@
 """Data parallelism: gradients averaged over the dp group, and the global gradient norm over all dims."""
 
 import math
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -11,45 +12,75 @@ from parallel.comm import ring_bytes
 BUCKET_ELEMENTS = 1 << 22
 
 
+def buckets(tensors: Iterable[torch.Tensor], limit: int = BUCKET_ELEMENTS) -> Iterable[list[torch.Tensor]]:
+    """Consecutive runs of same-dtype tensors of at most ``limit`` elements (one tensor may exceed it)."""
+    run: list[torch.Tensor] = []
+    count = 0
+    for t in tensors:
+        if run and (run[0].dtype != t.dtype or count + t.numel() > limit):
+            yield run
+            run, count = [], 0
+        run.append(t)
+        count += t.numel()
+    if run:
+        yield run
+
+
+def flat_apply(tensors: list[torch.Tensor], fn: Callable[[torch.Tensor], None]) -> int:
+    """Run the in-place collective ``fn`` on one flat copy of ``tensors``, copy the result back; returns the
+    flat buffer's bytes."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    fn(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return flat.numel() * flat.element_size()
+
+
 def all_reduce_mean(grads: list[torch.Tensor], group: ProcessGroup | None, size: int) -> int:
     """Average gradients over ``group`` in flat buckets (one all-reduce per bucket and dtype); returns the
     bytes this rank sent (ring all-reduce)."""
     if group is None or size == 1 or not grads:
         return 0
-    bucket: list[torch.Tensor] = []
-    count = 0
-    sent = 0
 
-    def flush():
-        nonlocal bucket, count
-        if not bucket:
-            return
-        nonlocal sent
-        flat = torch.cat([g.reshape(-1) for g in bucket])
-        sent += ring_bytes(flat.numel() * flat.element_size(), size, "all_reduce")
+    def mean(flat):
         dist.all_reduce(flat, group=group)
         flat.div_(size)
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-        bucket, count = [], 0
 
-    for g in sorted(grads, key=lambda t: t.dtype == torch.float32):  # group dtypes into buckets
-        if bucket and (bucket[0].dtype != g.dtype or count + g.numel() > BUCKET_ELEMENTS):
-            flush()
-        bucket.append(g)
-        count += g.numel()
-    flush()
+    ordered = sorted(grads, key=lambda t: t.dtype == torch.float32)  # group dtypes into buckets
+    return sum(ring_bytes(flat_apply(run, mean), size, "all_reduce") for run in buckets(ordered))
+
+
+def reduce_to_owners(grads: dict[str, torch.Tensor], owners: dict[str, int], group: ProcessGroup | None,
+                     size: int) -> int:
+    """Average each gradient onto its owner's dp rank only (bucketed ``reduce``, ZeRO's reduce-scatter at
+    block granularity). The other ranks' copies are left partly reduced: only owners may use them. Returns
+    the bytes this rank sent, counted like a ring reduce-scatter ((p-1)/p of the data)."""
+    if group is None or size == 1:
+        return 0
+    sent = 0
+    for owner in range(size):
+        dst = dist.get_global_rank(group, owner)
+
+        def mean(flat, dst=dst):
+            dist.reduce(flat, dst=dst, group=group)
+            flat.div_(size)
+
+        mine = [grads[n] for n in sorted(grads) if owners[n] == owner]  # one order on every rank
+        for run in buckets(sorted(mine, key=lambda t: t.dtype == torch.float32)):
+            sent += ring_bytes(flat_apply(run, mean), size, "all_gather")
     return sent
 
 
 def clip_global_norm(named_grads: dict[str, torch.Tensor], sharded: set[str], max_norm: float,
-                     tp_group: ProcessGroup | None, pp_group: ProcessGroup | None) -> float:
+                     tp_group: ProcessGroup | None, pp_group: ProcessGroup | None,
+                     dp_group: ProcessGroup | None = None) -> float:
     """Clip to the norm of the *global* gradient; returns that norm.
 
     Tensor-parallel shards contribute their squares summed over tp; replicated tensors count once;
-    pipeline stages hold disjoint tensors and are summed over pp. Data-parallel replicas are identical.
+    pipeline stages hold disjoint tensors and are summed over pp. Data-parallel replicas are identical,
+    unless ``dp_group`` is given: then each dp rank passes only the gradients it owns and they are summed.
     """
     ref = next(iter(named_grads.values()))
     shard_sq = torch.zeros((), dtype=torch.float64, device=ref.device)
@@ -65,6 +96,8 @@ def clip_global_norm(named_grads: dict[str, torch.Tensor], sharded: set[str], ma
     total = shard_sq + repl_sq
     if pp_group is not None:
         dist.all_reduce(total, group=pp_group)
+    if dp_group is not None:
+        dist.all_reduce(total, group=dp_group)
     norm = math.sqrt(float(total))
     if max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)

@@ -11,7 +11,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from model.gpt import GPT
 from parallel.comm import GroupComm
-from parallel.data import all_reduce_mean, clip_global_norm
+from parallel.data import all_reduce_mean, clip_global_norm, reduce_to_owners
 from parallel.mesh import ParallelDims
 from parallel.pipeline import Pipeline, split_stage, stage_ids
 from parallel.tensor import apply_tp
@@ -67,10 +67,10 @@ class ParallelModel:
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         groups = [g for m in self.stages.values() for g in m.param_groups(weight_decay)]
-        merged = {}
-        for g in groups:  # one group per weight decay value across stages
-            merged.setdefault(g["weight_decay"], []).extend(g["params"])
-        return [{"params": ps, "weight_decay": wd} for wd, ps in merged.items()]
+        merged: dict[str, dict] = {}
+        for g in groups:  # one group per role across stages
+            merged.setdefault(g["role"], {**g, "params": []})["params"].extend(g["params"])
+        return list(merged.values())
 
     def train(self, mode: bool = True) -> None:
         for m in self.stages.values():
@@ -108,17 +108,29 @@ class ParallelModel:
         finally:
             self.train(True)
 
-    def reduce_and_clip(self, max_norm: float) -> float:
-        """Sum partial tensor-parallel gradients, average over data parallel, clip to the global norm."""
+    def reduce_and_clip(self, max_norm: float, owners: dict[str, int] | None = None) -> float:
+        """Sum partial tensor-parallel gradients, average over data parallel, clip to the global norm.
+
+        With ``owners`` (parameter name -> dp rank, a block-wise optimizer's) each gradient is averaged onto
+        its owner only, the other ranks drop theirs (``grad = None``), and the norm sums the owned parts.
+        """
         grads = {n: p.grad for n, p in self._params.items() if p.grad is not None}
         if self.tp_group is not None:
             for name in sorted(self.partial):  # the same order on every rank (set order is per-process)
                 if name in grads:
                     self.tp_comm.all_reduce_(grads[name])
-        self.comm_bytes["dp"] += all_reduce_mean(list(grads.values()), self.dp_group, self.dims.dp)
+        dp_group = None
+        if owners is None or self.dims.dp == 1:
+            self.comm_bytes["dp"] += all_reduce_mean(list(grads.values()), self.dp_group, self.dims.dp)
+        else:
+            self.comm_bytes["dp"] += reduce_to_owners(grads, owners, self.dp_group, self.dims.dp)
+            for name in [n for n in grads if owners[n] != self.dp_rank]:
+                self._params[name].grad = None
+                del grads[name]
+            dp_group = self.dp_group
         sharded = {n for n, d in self.placements.items() if d is not None}
         return clip_global_norm(grads, sharded, max_norm, self.tp_group if self.dims.tp > 1 else None,
-                                self.pp_group if self.dims.pp > 1 else None)
+                                self.pp_group if self.dims.pp > 1 else None, dp_group)
 
     def global_mean(self, local: torch.Tensor | None) -> float:
         """The loss of the whole global batch, known on every rank (averaged over dp, taken from the last
@@ -155,57 +167,36 @@ def model_state(pm: ParallelModel) -> dict:
     return {k: _as_global(v.detach(), pm.placements.get(k), pm.mesh) for k, v in pm.named_tensors().items()}
 
 
-def checkpoint_state(pm: ParallelModel, optimizer: torch.optim.Optimizer) -> dict:
-    """``{"model": {name: tensor}, "optim": {name: {state: tensor}}}`` with global (DTensor) views.
+def checkpoint_state(pm: ParallelModel, optimizer=None) -> dict:
+    """``{"model": {name: tensor}, "optim": ...}`` with global (DTensor) views, the same layout on every
+    topology, so torch.distributed.checkpoint reshards between any two.
 
-    The same layout on every topology, so torch.distributed.checkpoint reshards between any two.
+    ``optimizer`` is a ``pretrain.optim.BlockOptimizer`` (or None for the model only). Its elementwise state
+    takes the parameter's placement; block state of a replicated parameter is replicated, and that of a
+    tensor-parallel shard is stacked over tp (global shape ``[tp, ...]``), so it loads at the same tp only.
     """
-    model = model_state(pm)
-    by_param = {id(p): name for name, p in pm.named_parameters()}
-    optim: dict[str, dict] = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            name = by_param[id(p)]
-            state = optimizer.state.get(p, {})
-            optim[name] = {k: (_as_global(v, pm.placements.get(name), pm.mesh)
-                               if torch.is_tensor(v) and v.shape == p.shape else v) for k, v in state.items()}
-    return {"model": model, "optim": optim}
+    state = {"model": model_state(pm)}
+    if optimizer is not None:
+        def to_global(name, t, elementwise):
+            dim = pm.placements.get(name)
+            if elementwise or dim is None:
+                return _as_global(t, dim, pm.mesh)
+            return _as_global(t.unsqueeze(0), 0, pm.mesh)
+
+        state["optim"] = optimizer.checkpoint_state(to_global)
+    return state
 
 
-def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Materialise lazily created optimizer state (a zero-gradient step at lr 0 changes no parameter)."""
-    if all(p in optimizer.state for g in optimizer.param_groups for p in g["params"]):
-        return
-    lrs = [g["lr"] for g in optimizer.param_groups]
-    for g in optimizer.param_groups:
-        g["lr"] = 0.0
-        for p in g["params"]:
-            p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    for g, lr in zip(optimizer.param_groups, lrs):
-        g["lr"] = lr
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
-def restore_state(loaded: dict, pm: ParallelModel, optimizer: torch.optim.Optimizer | None) -> None:
+def restore_state(loaded: dict, pm: ParallelModel, optimizer=None) -> None:
     """Copy tensors filled by ``dcp.load`` back into parameters, buffers and optimizer state."""
-
-    def local(t):
-        return t.to_local() if hasattr(t, "to_local") else t
-
     with torch.no_grad():
         for name, t in pm.named_tensors().items():
-            src = local(loaded["model"][name])
+            src = _local(loaded["model"][name])
             if src.data_ptr() != t.data_ptr():
                 t.copy_(src)
-        if optimizer is None:
-            return
-        params = dict(pm.named_parameters())
-        for name, state in loaded["optim"].items():
-            dst = optimizer.state[params[name]]
-            for k, v in state.items():
-                if torch.is_tensor(v):
-                    if local(v).data_ptr() != dst[k].data_ptr():
-                        dst[k].copy_(local(v))
-                else:
-                    dst[k] = v
+        if optimizer is not None:
+            optimizer.load_checkpoint_state(loaded["optim"], _local)

@@ -42,10 +42,45 @@ class DataConfig:
 
 
 @dataclass
-class OptimConfig:
-    """Optimizer and learning-rate schedule."""
+class GaloreConfig:
+    """GaLore: Adam in a rank-r subspace of each matrix block's gradient (``optim.name: galore``)."""
 
-    name: Literal["adamw"] = "adamw"
+    rank: int = 16
+    """Subspace rank r; blocks whose smaller side is <= r use AdamW."""
+    update_gap: int = 200
+    """Refresh the projector every this many steps."""
+    scale: float = 0.25
+    """Multiplier of the projected-back update."""
+    projection: Literal["svd", "dct"] = "svd"
+    """svd: top-r singular vectors of the gradient; dct: SVD-free, the r DCT basis columns best aligned with it."""
+    embeddings: bool = False
+    """Also project the token embedding and output head (else AdamW, like norms)."""
+
+
+@dataclass
+class MLBFGSConfig:
+    """Momentum L-BFGS with a block-wise Hessian (``optim.name: mlbfgs``)."""
+
+    history: int = 10
+    """Curvature pairs (s, y) kept per block."""
+    momentum: float = 0.9
+    """EMA factor of the parameter and gradient buffers the curvature pairs are built from."""
+    update_period: int = 1
+    """Form a curvature pair every this many steps."""
+    min_curvature: float = 1e-6
+    """Damping: a pair's curvature s.y/s.s is raised to at least this."""
+    max_curvature: float = 1e6
+    """Damping: and lowered to at most this."""
+    trust: float = 3e-3
+    """Cap on each block's RMS direction: no step moves a block by more than lr * trust RMS."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule (the same LR schedule, weight decay and clipping for every
+    optimizer; all three are block-wise distributed over the data-parallel group)."""
+
+    name: Literal["adamw", "galore", "mlbfgs"] = "adamw"
     """Optimizer."""
     lr: float = 3e-3
     """Peak learning rate."""
@@ -65,6 +100,10 @@ class OptimConfig:
     """Linear warmup steps."""
     decay_fraction: float = 0.2
     """wsd: fraction of training spent in the final linear decay."""
+    galore: GaloreConfig = field(default_factory=GaloreConfig)
+    """GaLore settings (used when name is galore)."""
+    mlbfgs: MLBFGSConfig = field(default_factory=MLBFGSConfig)
+    """mL-BFGS settings (used when name is mlbfgs)."""
 
 
 @dataclass
@@ -121,6 +160,9 @@ class CheckpointConfig:
     resume: str = "none"
     """``none`` (refuses a run directory that already has checkpoints), ``auto`` (newest, if any), or a
     step directory path."""
+    load_optimizer: bool = True
+    """Restore the optimizer state on resume; false starts a fresh optimizer (e.g. to switch optim.name,
+    or to change parallel.tp under galore/mlbfgs, whose per-shard state does not reshard over tp)."""
 
 
 @dataclass
@@ -190,6 +232,18 @@ class Config:
                 raise ConfigError(f"optim.{name}={getattr(o, name)} must lie in [0, 1]")
         if o.warmup_steps < 0 or o.weight_decay < 0 or o.grad_clip < 0:
             raise ConfigError("optim.warmup_steps, optim.weight_decay and optim.grad_clip must be >= 0")
+        ga, mb = o.galore, o.mlbfgs
+        for name, value in {"optim.galore.rank": ga.rank, "optim.galore.update_gap": ga.update_gap,
+                            "optim.mlbfgs.history": mb.history, "optim.mlbfgs.update_period": mb.update_period}.items():
+            if value <= 0:
+                raise ConfigError(f"{name}={value} must be a positive integer")
+        if ga.scale <= 0:
+            raise ConfigError(f"optim.galore.scale={ga.scale} must be > 0")
+        if not 0.0 <= mb.momentum < 1.0:
+            raise ConfigError(f"optim.mlbfgs.momentum={mb.momentum} must lie in [0, 1)")
+        if not 0.0 < mb.min_curvature < mb.max_curvature or mb.trust <= 0:
+            raise ConfigError(f"optim.mlbfgs needs 0 < min_curvature < max_curvature and trust > 0; got "
+                              f"{mb.min_curvature}, {mb.max_curvature}, {mb.trust}")
         if self.checkpoint.interval < 0 or self.checkpoint.keep < 0:
             raise ConfigError("checkpoint.interval and checkpoint.keep must be >= 0")
         if t.exit_after_steps is not None and t.exit_after_steps <= 0:
@@ -307,17 +361,35 @@ def apply_override(tree: dict, assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
 
 
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_recipe(p: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML recipe; a top-level ``base: other.yaml`` (relative to the file) is read first and deep-merged
+    under it, so recipes state only what they change."""
+    if not p.is_file():
+        raise ConfigError(f"--config {p}: no such file" + (f" (the base of {seen[-1]})" if seen else ""))
+    if p.resolve() in seen:
+        raise ConfigError(f"--config {p}: base recipes form a cycle")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {p}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {p}: expected a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return _merge(_read_recipe(p.parent / str(base), (*seen, p.resolve())), raw)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML recipe, apply dotted overrides, and validate."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config {p}: no such file")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config {p}: not valid YAML: {e}") from None
+    raw = _read_recipe(Path(path)) if path is not None else {}
     for assignment in overrides:
         apply_override(raw, assignment)
     cfg = from_dict(Config, raw)

@@ -25,8 +25,8 @@ from model.config import ModelConfig
 from model.gpt import GPT
 from model.structured import StructureError
 from parallel.mesh import ParallelDims, TopologyError, build_mesh, init_distributed
-from parallel.runtime import ParallelModel, checkpoint_state, init_optimizer_state, restore_state
-from pretrain.checkpoint import Checkpointer, CheckpointError, resolve_step_dir
+from parallel.runtime import ParallelModel, checkpoint_state, restore_state
+from pretrain.checkpoint import Checkpointer, CheckpointError, read_meta, resolve_step_dir
 from pretrain.config import Config, ConfigError, UserError, dump_config, load_config, to_dict
 from pretrain.data import Corpus
 from pretrain.metrics import Metrics, peak_tflops
@@ -86,7 +86,8 @@ class Trainer:
                                        par.pp_schedule)
         except StructureError as e:
             raise ConfigError(f"model.structure does not fit parallel.tp={par.tp}: {e}") from None
-        self.optimizer = build_optimizer(cfg.optim, self.model)
+        self.optimizer = build_optimizer(cfg.optim, self.model.named_parameters(),
+                                         self.model.param_groups(cfg.optim.weight_decay), self.model.dp_group)
         self.ckpt = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep)
         self.step, self.consumed = 0, 0
         self._resume()
@@ -109,14 +110,29 @@ class Trainer:
         path = self.ckpt.latest() if mode == "auto" else resolve_step_dir(mode)
         if path is None:
             return
-        init_optimizer_state(self.optimizer)
-        state = checkpoint_state(self.model, self.optimizer)
+        optimizer = self.optimizer if self.cfg.checkpoint.load_optimizer else None
+        if optimizer is not None:
+            self._check_optimizer_checkpoint(read_meta(path), path)
+        state = checkpoint_state(self.model, optimizer)
         meta = self.ckpt.load(path, state, to_dict(self.cfg.model))
-        restore_state(state, self.model, self.optimizer)
+        restore_state(state, self.model, optimizer)
         self.step, self.consumed = int(meta["step"]), int(meta["consumed_samples"])
         if self.rank == 0:
             print(f"resumed from {path} at step {self.step} ({self.consumed:,} samples consumed; written at "
                   f"{meta.get('topology', {})})", file=sys.stderr)
+
+    def _check_optimizer_checkpoint(self, meta: dict, path: Path) -> None:
+        """Refuse optimizer state that cannot load into this run, before any collective starts."""
+        saved = meta["config"]["optim"]["name"]
+        if saved != self.cfg.optim.name:
+            raise CheckpointError(f"{path} holds {saved} optimizer state but optim.name={self.cfg.optim.name}; "
+                                  f"set optim.name={saved}, or checkpoint.load_optimizer=false to start a fresh "
+                                  "optimizer from the checkpoint's weights")
+        tp = meta.get("topology", {}).get("tp", 1)
+        if tp != self.dims.tp and not self.optimizer.tp_reshardable:
+            raise CheckpointError(f"{path} was written at parallel.tp={tp}; {saved} keeps per-shard state that "
+                                  f"does not reshard to parallel.tp={self.dims.tp}. Resume at parallel.tp={tp} "
+                                  "(dp and pp may change), or set checkpoint.load_optimizer=false")
 
     # -- pieces of the loop ---------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float]:
@@ -124,7 +140,7 @@ class Trainer:
         start = self.consumed + self.model.dp_rank * self.local_batch
         x, y = self.corpus.train.batch(start, self.local_batch)
         local = self.model.forward_backward(x, y, self.autocast)
-        norm = self.model.reduce_and_clip(self.cfg.optim.grad_clip)
+        norm = self.model.reduce_and_clip(self.cfg.optim.grad_clip, self.optimizer.owners)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.consumed += self.cfg.train.global_batch
@@ -162,13 +178,17 @@ class Trainer:
         metrics.write(f"model: {params:,} parameters, {flops['forward']:,} forward FLOPs/token; "
                       f"data: {self.corpus.describe()}; {world} process(es) as dp={self.dims.dp} tp={self.dims.tp} "
                       f"pp={self.dims.pp} on {self.device}")
+        own = self.optimizer.ownership()
+        metrics.write(f"optimizer: {cfg.optim.name}, {self.optimizer.state_bytes():,} state bytes on rank 0; "
+                      f"blocks owned over dp={self.dims.dp} with imbalance {own['imbalance']:.3f} (max/mean)")
         previous = signal.signal(signal.SIGTERM, self._on_signal)
         last: dict = {}
         try:
             if self.step == 0:
                 last["val/loss"] = self.evaluate()
                 metrics.log(0, {"val/loss": last["val/loss"], "model/params": params,
-                                "model/flops_per_token": flops["forward"]})
+                                "model/flops_per_token": flops["forward"],
+                                "optim/state_bytes_rank0": self.optimizer.state_bytes()})
             ran = 0
             tokens_per_step = t.global_batch * cfg.data.seq_len
             while self.step < t.steps:

@@ -1,18 +1,33 @@
-"""Optimizers. ``build_optimizer`` is the single entry point the trainer uses."""
-
-import torch
-from torch import nn
+"""Block-wise distributed optimizers. ``build_optimizer`` is the single entry point the trainer uses."""
 
 from pretrain.config import OptimConfig
+from pretrain.optim.adamw import AdamW
+from pretrain.optim.base import BlockOptimizer, assign_owners, ownership_report
+from pretrain.optim.galore import GaLore, dct_basis
+from pretrain.optim.mlbfgs import MomentumLBFGS
+
+OPTIMIZERS = {cls.name: cls for cls in (AdamW, GaLore, MomentumLBFGS)}
+
+__all__ = ["AdamW", "BlockOptimizer", "GaLore", "MomentumLBFGS", "OPTIMIZERS", "assign_owners", "build_optimizer",
+           "dct_basis", "ownership_report"]
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer named by ``cfg.name`` over the model's parameter groups (no decay on norms).
+def build_optimizer(cfg: OptimConfig, named_params, groups: list[dict], dp_group=None) -> BlockOptimizer:
+    """The optimizer named by ``cfg.name`` over ``groups`` (dicts with ``params``, ``weight_decay`` and
+    ``role``: matrix, embedding or norm), its blocks owned across ``dp_group``.
 
     The learning rate is set by the trainer every step from ``pretrain.schedules.lr_at``.
     """
-    groups = model.param_groups(cfg.weight_decay)
     if cfg.name == "adamw":
-        fused = all(p.is_cuda for g in groups for p in g["params"]) or None
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
-    raise ValueError(f"optim.name={cfg.name!r} has no implementation")
+        return AdamW(named_params, groups, cfg.lr, cfg.betas, cfg.eps, dp_group)
+    if cfg.name == "galore":
+        g = cfg.galore
+        roles = {"matrix", "embedding"} if g.embeddings else {"matrix"}
+        groups = [{**grp, "galore": grp.get("role", "matrix") in roles} for grp in groups]
+        return GaLore(named_params, groups, cfg.lr, g.rank, g.update_gap, g.scale, g.projection, cfg.betas, cfg.eps,
+                      dp_group)
+    if cfg.name == "mlbfgs":
+        m = cfg.mlbfgs
+        return MomentumLBFGS(named_params, groups, cfg.lr, m.history, m.momentum, m.update_period, m.min_curvature,
+                             m.max_curvature, m.trust, dp_group)
+    raise ValueError(f"optim.name={cfg.name!r}; allowed: {', '.join(OPTIMIZERS)}")

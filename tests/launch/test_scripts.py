@@ -12,7 +12,8 @@ ROOT = Path(__file__).parents[2]
 
 
 def run(cmd: list[str], **env) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
+    base = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the scripts' own default is tested
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**base, **env}, timeout=600)
 
 
 def test_torchrun_dry_run_prints_the_command():

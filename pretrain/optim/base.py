@@ -1,0 +1,163 @@
+"""Block-wise distributed optimizers: ZeRO-1 at the granularity of blocks (DESIGN.md section 5).
+
+A *block* is one parameter tensor as this rank holds it: a whole tensor, or its tensor-parallel shard. Each
+block has exactly one owner in the data-parallel group, chosen by a greedy size balance that every rank
+computes identically. The owner alone receives the block's averaged gradient (a bucketed ``reduce``, see
+``parallel.data.reduce_to_owners``), keeps its optimizer state and computes its update; the updated blocks
+then reach every dp rank by bucketed broadcasts. With dp = 1 every block is local and this is an ordinary
+optimizer.
+
+Subclasses implement ``init_state`` (allocated eagerly, so checkpoints can be loaded into it before the first
+step) and ``direction`` (the step ``d`` in ``p <- p (1 - lr wd) - lr d``); decoupled weight decay, the LR set
+by the trainer's schedule, parameter groups and the owner bookkeeping are shared. Clipping happens before
+``step`` on the global gradient norm (``ParallelModel.reduce_and_clip``).
+
+State tensors are of two kinds for checkpoints: ``elementwise`` keys have the block's shape and reshard
+with the parameter across any (dp, tp, pp); every other key is *block state* (projections, curvature
+histories), tied to the block itself, so it reshards across dp and pp but a tensor-parallel shard's block
+state only loads at the same tp degree.
+"""
+
+from collections.abc import Callable, Iterable
+from typing import ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from parallel.comm import ring_bytes
+from parallel.data import buckets, flat_apply
+
+
+def assign_owners(sizes: dict[str, int], ranks: int) -> dict[str, int]:
+    """Owner rank of each block: largest first (name breaks ties) to the least-loaded rank (LPT greedy)."""
+    load = [0] * ranks
+    owners = {}
+    for name in sorted(sizes, key=lambda k: (-sizes[k], k)):
+        r = min(range(ranks), key=lambda i: (load[i], i))
+        owners[name] = r
+        load[r] += sizes[name]
+    return owners
+
+
+def ownership_report(sizes: dict[str, int], owners: dict[str, int], ranks: int) -> dict:
+    """Elements per rank and the imbalance ``max / mean`` (1.0 is perfect)."""
+    load = [0] * ranks
+    for name, r in owners.items():
+        load[r] += sizes[name]
+    mean = sum(load) / ranks
+    return {"elements": load, "imbalance": max(load) / mean if mean else 1.0}
+
+
+class BlockOptimizer(torch.optim.Optimizer):
+    """Shared machinery; see the module docstring."""
+
+    name: ClassVar[str]
+    elementwise: ClassVar[tuple[str, ...]] = ()
+    tp_reshardable: ClassVar[bool] = False
+    """True when every state key is elementwise, so checkpoints load at any tensor-parallel degree."""
+
+    def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], groups: list[dict], defaults: dict,
+                 dp_group: ProcessGroup | None = None):
+        super().__init__(groups, defaults)
+        self.names = {id(p): n for n, p in named_params}
+        missing = [p.shape for g in self.param_groups for p in g["params"] if id(p) not in self.names]
+        if missing:
+            raise ValueError(f"{len(missing)} optimizer parameters have no name (shapes {missing[:3]})")
+        self.dp_group = dp_group
+        self.dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
+        self.dp_rank = dist.get_rank(dp_group) if dp_group is not None else 0
+        self.sizes = {self.names[id(p)]: p.numel() for g in self.param_groups for p in g["params"]}
+        self.owners = assign_owners(self.sizes, self.dp_size)
+        """Owner dp rank of every block, by parameter name (the same on every rank)."""
+        self.step_count = 0
+        self.comm_bytes = 0
+        """Bytes this rank sent broadcasting updated blocks (counted as an all-gather)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if self.owns(p):
+                    self.state[p] = self.init_state(p, group)
+
+    # -- what subclasses implement ----------------------------------------------------------------------
+    def init_state(self, p: torch.Tensor, group: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def direction(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+        """The update direction ``d`` of one owned block (``p`` moves by ``-lr d``)."""
+        raise NotImplementedError
+
+    # -- ownership --------------------------------------------------------------------------------------
+    def owns(self, p: torch.Tensor) -> bool:
+        return self.owners[self.names[id(p)]] == self.dp_rank
+
+    def ownership(self) -> dict:
+        return ownership_report(self.sizes, self.owners, self.dp_size)
+
+    def state_bytes(self) -> int:
+        """Optimizer-state bytes this rank holds."""
+        return sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values()
+                   if torch.is_tensor(t))
+
+    # -- the step ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError(f"{self.name}: closures are not supported")
+        self.step_count += 1
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or not self.owns(p):
+                    continue
+                d = self.direction(p, p.grad, self.state[p], group)
+                if group["weight_decay"]:
+                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
+                p.add_(d.to(p.dtype), alpha=-group["lr"])
+        self._broadcast_updates()
+
+    def _broadcast_updates(self) -> None:
+        if self.dp_size == 1:
+            return
+        params = [p for g in self.param_groups for p in g["params"]]
+        for owner in range(self.dp_size):
+            src = dist.get_global_rank(self.dp_group, owner)
+            owned = [p for p in params if self.owners[self.names[id(p)]] == owner]
+            for run in buckets(owned):
+                nbytes = flat_apply([p.data for p in run],
+                                    lambda flat, src=src: dist.broadcast(flat, src=src, group=self.dp_group))
+                self.comm_bytes += ring_bytes(nbytes, self.dp_size, "all_gather")
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def checkpoint_state(self, to_global: Callable[[str, torch.Tensor, bool], object]) -> dict:
+        """``{name: {key: tensor}}`` of the blocks this rank owns, plus ``_step``; ``to_global(name, t,
+        elementwise)`` wraps each tensor for torch.distributed.checkpoint."""
+        out: dict[str, object] = {"_step": self.step_count}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if self.owns(p):
+                    name = self.names[id(p)]
+                    out[name] = {k: to_global(name, v, k in self.elementwise) for k, v in self.state[p].items()}
+        return out
+
+    def load_checkpoint_state(self, loaded: dict, local: Callable[[object], torch.Tensor]) -> None:
+        """Copy what ``dcp.load`` filled (``checkpoint_state``'s layout) into this rank's state."""
+        self.step_count = int(loaded["_step"])
+        params = {self.names[id(p)]: p for g in self.param_groups for p in g["params"]}
+        for name, state in loaded.items():
+            if name == "_step":
+                continue
+            dst = self.state[params[name]]
+            for k, v in state.items():
+                src = local(v)
+                if src.data_ptr() != dst[k].data_ptr():
+                    dst[k].copy_(src.view_as(dst[k]))
+
+
+def adam_direction(grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, betas, eps: float,
+                   step: int) -> torch.Tensor:
+    """Update the moments in place and return the bias-corrected Adam direction."""
+    b1, b2 = betas
+    m.lerp_(grad, 1.0 - b1)
+    v.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
+    denom = (v / (1.0 - b2 ** step)).sqrt_().add_(eps)
+    return (m / (1.0 - b1 ** step)).div_(denom)

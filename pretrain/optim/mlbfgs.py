@@ -1,0 +1,108 @@
+"""Momentum L-BFGS (mL-BFGS, Niu et al., TMLR 2023) with a block-wise Hessian approximation.
+
+Every block (a tensor, or its tensor-parallel shard) is its own quasi-Newton problem: it keeps ``history``
+curvature pairs ``(s, y)`` and applies the L-BFGS two-loop recursion to its current gradient. Dot products
+stay inside the block, so the work and memory land on the block's owner only and spread over the
+data-parallel group, with no communication beyond ZeRO-1's.
+
+The curvature pairs come from momentum buffers of the parameters and of the gradients (EMA factor
+``momentum``), which averages out the minibatch noise that makes plain stochastic L-BFGS unstable: every
+``update_period`` steps ``s = M_theta - M_theta(previous pair)`` and ``y = M_g - M_g(previous pair)``. On a
+quadratic ``y = H s`` holds exactly. Damping keeps the pair's curvature ``s.y / s.s`` inside
+``[min_curvature, max_curvature]`` (``y`` is shifted by a multiple of ``s`` below, scaled above), so the
+inverse-Hessian estimate stays positive definite and bounded; pairs whose cosine ``s.y / (|s| |y|)`` is
+below ``MIN_COSINE`` (or non-finite) are skipped. ``gamma = s.y /
+y.y`` of the newest pair scales the initial inverse Hessian. The direction approximates a Newton step, so
+the learning rate is of order 1 (the schedule's warmup still applies); a trust region caps every block's
+RMS direction at ``trust``, so no step moves a block by more than ``lr * trust`` RMS, which also bounds
+the first steps, taken before a block has any pair.
+"""
+
+import torch
+
+from pretrain.optim.base import BlockOptimizer
+
+MIN_COSINE = 1e-2
+
+
+
+class MomentumLBFGS(BlockOptimizer):
+    name = "mlbfgs"
+    elementwise = ("theta_avg", "grad_avg", "theta_pair", "grad_pair")
+
+    def __init__(self, named_params, groups, lr: float, history: int = 10, momentum: float = 0.9,
+                 update_period: int = 10, min_curvature: float = 1e-6, max_curvature: float = 1e6,
+                 trust: float = 3e-3, dp_group=None):
+        defaults = {"lr": lr, "history": history, "momentum": momentum, "update_period": update_period,
+                    "min_curvature": min_curvature, "max_curvature": max_curvature, "trust": trust}
+        super().__init__(named_params, groups, defaults, dp_group)
+
+    def init_state(self, p, group):
+        def like():
+            return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+
+        h = group["history"]
+        return {"theta_avg": like(), "grad_avg": like(), "theta_pair": like(), "grad_pair": like(),
+                "s_hist": torch.zeros(h, p.numel(), dtype=torch.float32, device=p.device),
+                "y_hist": torch.zeros(h, p.numel(), dtype=torch.float32, device=p.device),
+                "pairs": torch.zeros((), dtype=torch.int64, device=p.device)}
+
+    def direction(self, p, grad, state, group):
+        beta = group["momentum"]
+        g = grad.float()
+        first = self.step_count == 1
+        state["theta_avg"].lerp_(p.float(), 1.0 if first else 1.0 - beta)
+        state["grad_avg"].lerp_(g, 1.0 if first else 1.0 - beta)
+        if (self.step_count - 1) % group["update_period"] == 0:
+            if not first:
+                self._push(state["theta_avg"] - state["theta_pair"], state["grad_avg"] - state["grad_pair"],
+                           state, group)
+            state["theta_pair"].copy_(state["theta_avg"])
+            state["grad_pair"].copy_(state["grad_avg"])
+        d = self._two_loop(g.reshape(-1), state)
+        rms = d.norm() / d.numel() ** 0.5
+        if rms > group["trust"]:  # the trust region
+            d.mul_(group["trust"] / rms)
+        return d.view_as(p)
+
+    @staticmethod
+    def _push(s: torch.Tensor, y: torch.Tensor, state: dict, group: dict) -> None:
+        s, y = s.reshape(-1), y.reshape(-1)
+        ss = torch.dot(s, s)
+        curvature = torch.dot(s, y) / ss
+        if not (ss > 0 and torch.isfinite(curvature)):
+            return
+        lo, hi = group["min_curvature"], group["max_curvature"]
+        if curvature < lo:
+            y = y + (lo - curvature) * s
+        elif curvature > hi:
+            y = y * (hi / curvature)
+        sy, yy = torch.dot(s, y), torch.dot(y, y)
+        # The (cautious) skip rule: s and y nearly orthogonal carry no usable curvature and make the two-loop
+        # recursion ill-conditioned (rho = 1/s.y explodes).
+        if not (torch.isfinite(yy) and sy > MIN_COSINE * torch.sqrt(ss * yy)):
+            return
+        for key, v in (("s_hist", s), ("y_hist", y)):
+            hist = state[key]
+            hist.copy_(hist.roll(-1, dims=0))
+            hist[-1].copy_(v)
+        state["pairs"].fill_(min(int(state["pairs"]) + 1, state["s_hist"].shape[0]))
+
+    @staticmethod
+    def _two_loop(q: torch.Tensor, state: dict) -> torch.Tensor:
+        n = int(state["pairs"])
+        if n == 0:
+            return q.clone()
+        s_hist, y_hist = state["s_hist"][-n:], state["y_hist"][-n:]
+        rho = 1.0 / (s_hist * y_hist).sum(dim=1)
+        q = q.clone()
+        alpha = torch.empty(n, dtype=q.dtype, device=q.device)
+        for i in reversed(range(n)):
+            alpha[i] = rho[i] * torch.dot(s_hist[i], q)
+            q.sub_(y_hist[i], alpha=float(alpha[i]))
+        gamma = torch.dot(s_hist[-1], y_hist[-1]) / torch.dot(y_hist[-1], y_hist[-1])
+        r = q.mul_(gamma)
+        for i in range(n):
+            b = rho[i] * torch.dot(y_hist[i], r)
+            r.add_(s_hist[i], alpha=float(alpha[i] - b))
+        return r
