@@ -46,7 +46,7 @@ class GaloreConfig:
     """GaLore: Adam in a rank-r subspace of each matrix block's gradient (``optim.name: galore``)."""
 
     rank: int = 16
-    """Subspace rank r; blocks whose smaller side is <= r use AdamW."""
+    """Subspace rank r; blocks whose smaller side is below r use AdamW (at r equal to it GaLore is lossless)."""
     update_gap: int = 200
     """Refresh the projector every this many steps."""
     scale: float = 0.25

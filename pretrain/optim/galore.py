@@ -11,7 +11,7 @@ instead of ``m x n``. The projector is refreshed every ``update_gap`` steps from
   are stored.
 
 The update ``scale * Q N`` (or ``scale * P N``) of the subspace Adam direction ``N`` is applied like any
-other. Blocks that are not matrices, or whose smaller side is not larger than the rank, and groups that are
+other. Blocks that are not matrices, or whose smaller side is below the rank, and groups that are
 not configured for GaLore (norms; embeddings unless enabled) use AdamW.
 """
 
@@ -50,7 +50,7 @@ class GaLore(BlockOptimizer):
 
     @staticmethod
     def projected(p: torch.Tensor, group: dict) -> bool:
-        return group["galore"] and p.dim() >= 2 and min(p.shape[-2:]) > group["rank"]
+        return group["galore"] and p.dim() >= 2 and min(p.shape[-2:]) >= group["rank"]
 
     def init_state(self, p, group):
         if not self.projected(p, group):

@@ -5,10 +5,12 @@ curvature pairs ``(s, y)`` and applies the L-BFGS two-loop recursion to its curr
 stay inside the block, so the work and memory land on the block's owner only and spread over the
 data-parallel group, with no communication beyond ZeRO-1's.
 
-The curvature pairs come from momentum buffers of the parameters and of the gradients (EMA factor
-``momentum``), which averages out the minibatch noise that makes plain stochastic L-BFGS unstable: every
-``update_period`` steps ``s = M_theta - M_theta(previous pair)`` and ``y = M_g - M_g(previous pair)``. On a
-quadratic ``y = H s`` holds exactly. Damping keeps the pair's curvature ``s.y / s.s`` inside
+The curvature pairs come from momentum averages (EMA factor ``momentum``), which average out the minibatch
+noise that makes plain stochastic L-BFGS unstable: ``s`` averages the applied parameter steps and ``y`` the
+matching gradient differences, and every ``update_period`` steps ``(s, y)`` joins the history. Both
+averages use the same weights, so on a quadratic ``y = H s`` holds exactly. (The steps are the exact ones
+the optimizer applied, not differences of rounded parameters, which lose float32 precision near a
+minimum.) Damping keeps the pair's curvature ``s.y / s.s`` inside
 ``[min_curvature, max_curvature]`` (``y`` is shifted by a multiple of ``s`` below, scaled above), so the
 inverse-Hessian estimate stays positive definite and bounded; pairs whose cosine ``s.y / (|s| |y|)`` is
 below ``MIN_COSINE`` (or non-finite) are skipped. ``gamma = s.y /
@@ -22,13 +24,13 @@ import torch
 
 from pretrain.optim.base import BlockOptimizer
 
-MIN_COSINE = 1e-2
+MIN_COSINE = 1e-4
 
 
 
 class MomentumLBFGS(BlockOptimizer):
     name = "mlbfgs"
-    elementwise = ("theta_avg", "grad_avg", "theta_pair", "grad_pair")
+    elementwise = ("s_avg", "y_avg", "prev_grad", "last_step")
 
     def __init__(self, named_params, groups, lr: float, history: int = 10, momentum: float = 0.9,
                  update_period: int = 10, min_curvature: float = 1e-6, max_curvature: float = 1e6,
@@ -42,28 +44,30 @@ class MomentumLBFGS(BlockOptimizer):
             return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
 
         h = group["history"]
-        return {"theta_avg": like(), "grad_avg": like(), "theta_pair": like(), "grad_pair": like(),
+        return {"s_avg": like(), "y_avg": like(), "prev_grad": like(), "last_step": like(),
                 "s_hist": torch.zeros(h, p.numel(), dtype=torch.float32, device=p.device),
                 "y_hist": torch.zeros(h, p.numel(), dtype=torch.float32, device=p.device),
                 "pairs": torch.zeros((), dtype=torch.int64, device=p.device)}
 
     def direction(self, p, grad, state, group):
-        beta = group["momentum"]
         g = grad.float()
-        first = self.step_count == 1
-        state["theta_avg"].lerp_(p.float(), 1.0 if first else 1.0 - beta)
-        state["grad_avg"].lerp_(g, 1.0 if first else 1.0 - beta)
-        if (self.step_count - 1) % group["update_period"] == 0:
-            if not first:
-                self._push(state["theta_avg"] - state["theta_pair"], state["grad_avg"] - state["grad_pair"],
-                           state, group)
-            state["theta_pair"].copy_(state["theta_avg"])
-            state["grad_pair"].copy_(state["grad_avg"])
+        if self.step_count > 1:
+            # momentum averages of the parameter steps (the exact applied steps, not differences of rounded
+            # parameters) and of the gradient differences; the first ones start the averages
+            weight = 1.0 if self.step_count == 2 else 1.0 - group["momentum"]
+            state["s_avg"].lerp_(state["last_step"], weight)
+            state["y_avg"].lerp_(g - state["prev_grad"], weight)
+            if (self.step_count - 2) % group["update_period"] == 0:
+                self._push(state["s_avg"], state["y_avg"], state, group)
+        state["prev_grad"].copy_(g)
         d = self._two_loop(g.reshape(-1), state)
         rms = d.norm() / d.numel() ** 0.5
         if rms > group["trust"]:  # the trust region
             d.mul_(group["trust"] / rms)
-        return d.view_as(p)
+        d = d.view_as(p)
+        # the step the base class applies: p <- p (1 - lr wd) - lr d
+        torch.add(d, p.float(), alpha=group["weight_decay"], out=state["last_step"]).mul_(-group["lr"])
+        return d
 
     @staticmethod
     def _push(s: torch.Tensor, y: torch.Tensor, state: dict, group: dict) -> None:
