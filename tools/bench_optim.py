@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     for n, r in rows.items():
         print(f"| {n} | {r['state_per_param']:.2f} | {ratio(r['state_per_param'], a['state_per_param'])} "
               f"| {r['opt_ms']:.1f} | {ratio(r['opt_ms'], a['opt_ms'])} | {r['step_ms']:.1f} "
-              f"| {ratio(r['step_ms'], a['step_ms'])} | {r['val0']:.3f} | {r['val']:.3f} | {r['val'] - a['val']:+.3f} |")
+              f"| {ratio(r['step_ms'], a['step_ms'])} | {r['val0']:.3f} | {r['val']:.3f} "
+              f"| {r['val'] - a['val']:+.3f} |")
     if big_rows:
         b = big_rows["adamw"]
         print(f"\n{args.big_config} shape (vocab 32k, {own['params']:,} parameters, {own['blocks']} blocks), "

@@ -8,8 +8,9 @@ Usage:
 Re-launches itself under torchrun with ``--world`` processes. Every structure trains the same shapes
 (``--d-model``, ``--layers``; every attention and MLP projection structured at about a quarter of the dense
 parameters) on the default corpus for ``--steps`` steps; the first two are warm-up for tokens/s. Bytes are
-what one rank (rank 0) sends per step, counting ring algorithms (all-reduce 2(p-1)/p N, all-gather
-(p-1)/p N): tp = its tensor-parallel collectives (forward and backward), dp = its gradient all-reduce,
+what one rank (rank 0) sends per step, counting ring algorithms (all-reduce 2(p-1)/p N, all-gather,
+reduce-scatter and all-to-all (p-1)/p N): tp = its tensor-parallel collectives (forward and backward),
+dp = the optimizer's gradient reduce to the block owners plus the broadcast of updated blocks (ZeRO-1),
 pp = its activation and gradient sends. Ratios are to dense from the same run.
 """
 
@@ -78,7 +79,8 @@ def worker(args) -> None:
         if dist.get_rank() == 0:  # bytes are the same every step; tokens/s is the median after 2 warm-up steps
             rec = read_metrics(Path(tmp) / name / "metrics.jsonl")
             tok_s = statistics.median(rec[s]["perf/tokens_per_s"] for s in range(3, args.steps + 1))
-            rows[name] = {"tok_s": tok_s, "tp": tp_bytes / args.steps, "dp": pm.comm_bytes["dp"] / args.steps,
+            dp_bytes = pm.comm_bytes["dp"] + trainer.optimizer.comm_bytes  # gradient reduce + updated-block broadcast
+            rows[name] = {"tok_s": tok_s, "tp": tp_bytes / args.steps, "dp": dp_bytes / args.steps,
                           "pp": pm.comm_bytes["pp"] / args.steps, "params": trainer.full_params}
     if dist.get_rank() == 0:
         base = rows.get("dense")
