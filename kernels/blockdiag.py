@@ -1,6 +1,22 @@
-"""Block-diagonal product: ``nb`` independent ``[out/nb, in/nb]`` blocks."""
+"""Block-diagonal product: ``nb`` independent ``[out/nb, in/nb]`` blocks.
+
+A tensor-parallel shard holds whole blocks (a contiguous slice of ``w``'s first dim) and applies them to
+its own input slice: the same call on the local tensors.
+"""
 
 import torch
+
+from kernels.dispatch import rows, use_triton
+from kernels.triton_bmm import View, strided_bmm
+
+
+def blockdiag_triton(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    nb, p, q = w.shape
+    x2, m = rows(x)
+    # A[b, m, k] = x[m, b q + k];  B[b, k, j] = w[b, j, k];  C[b, m, j] = y[m, b p + j]
+    y = strided_bmm(x2, View(nb, m, q, q, nb * q, 1), w, View(nb, q, p, p * q, 1, q), (m, nb * p),
+                    View(nb, m, p, p, nb * p, 1))
+    return y.reshape(*x.shape[:-1], nb * p)
 
 
 def blockdiag_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -13,6 +29,8 @@ def blockdiag_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[..., nb * p]``.
     """
+    if use_triton(x, w):
+        return blockdiag_triton(x, w)
     nb, p, q = w.shape
     xb = x.reshape(*x.shape[:-1], nb, q)  # [..., nb, q]
     yb = torch.einsum("...bq,bpq->...bp", xb, w)  # [..., nb, p]

@@ -11,9 +11,25 @@ all-to-all so that ``monarch_left`` sees every R block's contribution to its own
 
 import torch
 
+from kernels.blockdiag import blockdiag_matmul
+from kernels.dispatch import rows, use_triton
+from kernels.triton_bmm import View, strided_bmm
+
+
+def monarch_left_triton(h: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """The stride permutation is fused into the operand's strides: no permuted copy of ``h`` exists."""
+    nbl, s, rl = l.shape
+    h2, m = rows(h)
+    # A[l, m, r] = h[m, r nbL + l];  B[l, r, j] = L[l, j, r];  C[l, m, j] = y[m, l s + j]
+    y = strided_bmm(h2, View(nbl, m, rl, 1, rl * nbl, nbl), l, View(nbl, rl, s, s * rl, 1, rl), (m, nbl * s),
+                    View(nbl, m, s, s, nbl * s, 1))
+    return y.reshape(*h.shape[:-1], nbl * s)
+
 
 def monarch_right(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """First factor: ``[..., nbR * p] -> [..., nbR * m]`` (block-ordered hidden vector)."""
+    if use_triton(x, r):
+        return blockdiag_matmul(x, r)
     nb, m, p = r.shape
     xb = x.reshape(*x.shape[:-1], nb, p)  # [..., nbR, p]
     h = torch.einsum("...kp,kqp->...kq", xb, r)  # [..., nbR, m]
@@ -22,6 +38,8 @@ def monarch_right(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 def monarch_left(h: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
     """Stride permutation and second factor: ``[..., rL * nbL] -> [..., nbL * s]`` (block-major output)."""
+    if use_triton(h, l):
+        return monarch_left_triton(h, l)
     nbl, s, rl = l.shape
     lead = h.shape[:-1]
     hb = h.reshape(*lead, rl, nbl).transpose(-1, -2)  # [..., nbL, rL]: element r*nbL + l -> block l

@@ -4,10 +4,13 @@ import os
 from pathlib import Path
 
 import pytest
-
-from tools.prepare_data import main as prepare_main
+import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the kernel tests run in its interpreter
+
+from tools.prepare_data import main as prepare_main  # noqa: E402
 
 
 @pytest.fixture(scope="session")
