@@ -42,24 +42,39 @@ class MonarchLinear(StructuredLinear):
         return self._at("out", monarch_left(h, self.l))
 
     def shard(self, tp_rank, tp_size, style, comm):
-        # Both styles hold R's blocks k and L's blocks l of this rank (contiguous in rank order) and run one
-        # all-to-all of the hidden vector between the factors: the part of h that feeds another rank's L
-        # blocks goes there. The input of a column shard is replicated, so it takes its slice of the input
-        # (the gradient is all-gathered); the output of a row shard is a block slice, so it is all-gathered.
-        nb = self.blocks
-        self.check_tp(tp_size, blocks=nb)
-        r, l = split(self.r, 0, tp_rank, tp_size), split(self.l, 0, tp_rank, tp_size)
-        lb = nb // tp_size
+        # Every rank holds a contiguous run of L's blocks, so its outputs (block-major) are a contiguous slice.
+        # Row: it also holds the matching R blocks (its input slice) and one all-to-all of the hidden vector
+        # between the factors sends each rank the part that feeds its L blocks; the output slices are then
+        # all-gathered. Column (replicated input): the same all-to-all layout plus an all-gather of the input
+        # gradient, or R replicated (the full hidden vector computed on every rank, its gradient all-reduced),
+        # whichever sends fewer bytes per token for this shape.
+        nb, p = self.blocks, tp_size
+        self.check_tp(p, blocks=nb)
+        hidden = self.rank * nb * nb
+        l = split(self.l, 0, tp_rank, p)
+        out_f = self.out_features // p if style == "column" else self.out_features
+        replicated_r = 2 * hidden * (p - 1) / p  # elements per token: all-reduce of the hidden gradient
+        exchanged = 2 * hidden * (p - 1) / p**2 + self.in_features * (p - 1) / p  # 2 all-to-alls + gather
+        lb = nb // p
+        if style == "column" and replicated_r <= exchanged:
+            first = tp_rank * lb
+
+            def own_blocks(h):  # the full hidden vector -> the part feeding this rank's L blocks
+                lead = h.shape[:-1]
+                return comm.copy(h).reshape(*lead, -1, nb)[..., first:first + lb].reshape(*lead, -1)
+
+            local = self._local(self.in_features, out_f, {"r": self.r, "l": l}, {"mid": own_blocks})
+            return LayerShard(local, {"r": None, "l": 0})
+        r = split(self.r, 0, tp_rank, p)
 
         def exchange(h):  # [..., kb*c*nb] (hidden index (k*c + t)*nb + l) -> [..., nb*c*lb]
             lead = h.shape[:-1]
-            chunks = h.reshape(*lead, -1, tp_size, lb).movedim(-2, 0)  # [tp (dest), ..., kb*c, lb]
+            chunks = h.reshape(*lead, -1, p, lb).movedim(-2, 0)  # [tp (dest), ..., kb*c, lb]
             got = comm.all_to_all(chunks)  # [tp (source), ..., kb*c, lb]: sources hold k in rank order
             return got.movedim(0, -3).reshape(*lead, -1)
 
         edge = {"in": comm.scatter} if style == "column" else {"out": comm.gather}
-        in_f = self.in_features if style == "column" else self.in_features // tp_size
-        out_f = self.out_features // tp_size if style == "column" else self.out_features
+        in_f = self.in_features if style == "column" else self.in_features // p
         local = self._local(in_f, out_f, {"r": r, "l": l}, {"mid": exchange, **edge})
         return LayerShard(local, {"r": 0, "l": 0})
 
