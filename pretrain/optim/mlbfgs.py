@@ -10,14 +10,16 @@ noise that makes plain stochastic L-BFGS unstable: ``s`` averages the applied pa
 matching gradient differences, and every ``update_period`` steps ``(s, y)`` joins the history. Both
 averages use the same weights, so on a quadratic ``y = H s`` holds exactly. (The steps are the exact ones
 the optimizer applied, not differences of rounded parameters, which lose float32 precision near a
-minimum.) Damping keeps the pair's curvature ``s.y / s.s`` inside
-``[min_curvature, max_curvature]`` (``y`` is shifted by a multiple of ``s`` below, scaled above), so the
-inverse-Hessian estimate stays positive definite and bounded; pairs whose cosine ``s.y / (|s| |y|)`` is
-below ``MIN_COSINE`` (or non-finite) are skipped. ``gamma = s.y /
-y.y`` of the newest pair scales the initial inverse Hessian. The direction approximates a Newton step, so
-the learning rate is of order 1 (the schedule's warmup still applies); a trust region caps every block's
-RMS direction at ``trust``, so no step moves a block by more than ``lr * trust`` RMS, which also bounds
-the first steps, taken before a block has any pair.
+minimum.)
+
+Damping keeps the pair's curvature ``s.y / s.s`` inside ``[min_curvature, max_curvature]`` (``y`` is
+shifted by a multiple of ``s`` below, scaled above), so the inverse-Hessian estimate stays positive
+definite and bounded; pairs whose cosine ``s.y / (|s| |y|)`` is below ``MIN_COSINE`` (or non-finite) are
+skipped. ``gamma = s.y / y.y`` of the newest pair scales the initial inverse Hessian.
+
+The direction approximates a Newton step, so the learning rate is of order 1 (the schedule's warmup still
+applies); a trust region caps every block's RMS direction at ``trust``, so no step moves a block by more
+than ``lr * trust`` RMS, which also bounds the first steps, taken before a block has any pair.
 """
 
 import torch
@@ -27,13 +29,12 @@ from pretrain.optim.base import BlockOptimizer
 MIN_COSINE = 1e-4
 
 
-
 class MomentumLBFGS(BlockOptimizer):
     name = "mlbfgs"
     elementwise = ("s_avg", "y_avg", "prev_grad", "last_step")
 
     def __init__(self, named_params, groups, lr: float, history: int = 10, momentum: float = 0.9,
-                 update_period: int = 10, min_curvature: float = 1e-6, max_curvature: float = 1e6,
+                 update_period: int = 1, min_curvature: float = 1e-6, max_curvature: float = 1e6,
                  trust: float = 3e-3, dp_group=None):
         defaults = {"lr": lr, "history": history, "momentum": momentum, "update_period": update_period,
                     "min_curvature": min_curvature, "max_curvature": max_curvature, "trust": trust}
