@@ -132,14 +132,13 @@ def test_mlbfgs_needs_clearly_fewer_iterations_than_sgd_momentum_on_least_square
     fstar = float(0.5 * ((a @ wstar - b) ** 2).sum())
     lmax = float(torch.linalg.eigvalsh(a.T @ a).max())
 
-    def mlbfgs(w):  # lr 1 (a Newton step), a wide trust region; momentum 0.5 as this problem has no noise
-        return MomentumLBFGS([("w", w)], [{"params": [w], "weight_decay": 0.0}], lr=1.0, trust=1.0, momentum=0.5,
-                             history=20)
+    def mlbfgs(w):  # default momentum, history and damping; lr 1 (a Newton step) and a wide trust region
+        return MomentumLBFGS([("w", w)], [{"params": [w], "weight_decay": 0.0}], lr=1.0, trust=1.0)
 
     ours = _iterations_to_target(mlbfgs, a, b, fstar)
     sgd = min(_iterations_to_target(lambda w, lr=lr: torch.optim.SGD([w], lr=lr / lmax, momentum=0.9), a, b, fstar)
               for lr in (0.5, 1.0, 1.5, 1.9))  # the best of a step-size sweep up to the stability limit
-    assert ours * 2.5 <= sgd, (ours, sgd)
+    assert ours * 4 <= sgd, (ours, sgd)  # measured: 692 against > 3000 (SGD does not reach the target)
 
 
 def test_owners_are_unique_and_balanced():
