@@ -362,9 +362,12 @@ def apply_override(tree: dict, assignment: str) -> None:
 
 
 def _merge(base: dict, over: dict) -> dict:
+    """Deep merge; a structure spec (a mapping with ``kind``) is replaced whole, so a recipe that switches a
+    projection's kind never inherits the base's fields of another kind."""
     out = dict(base)
     for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict) and "kind" not in value
+        out[key] = _merge(out[key], value) if nested else value
     return out
 
 

@@ -84,3 +84,24 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "data.paths[0]=" in err and "no token store there" in err and "tools/prepare_data.py" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_recipe_base_is_deep_merged_and_a_structure_spec_replaced_whole(tmp_path):
+    (tmp_path / "base.yaml").write_text("model:\n  d_model: 96\n  structure:\n    attn: {kind: lowrank, rank: 32}\n"
+                                        "data:\n  paths: [a]\n  seq_len: 64\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nmodel:\n  structure:\n    attn: {kind: monarch, blocks: 4}\n"
+                                         "data:\n  seq_len: 32\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert cfg.model.d_model == 96 and cfg.data.paths == ["a"] and cfg.data.seq_len == 32
+    attn = cfg.model.structure["attn"]
+    assert attn.kind == "monarch" and attn.blocks == 4 and attn.rank is None  # no rank leaks from lowrank
+
+
+def test_recipe_base_errors_name_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"missing.yaml: no such file \(the base of .*a.yaml\)"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("base: c.yaml\n")
+    (tmp_path / "c.yaml").write_text("base: b.yaml\n")
+    with pytest.raises(ConfigError, match="base recipes form a cycle"):
+        load_config(tmp_path / "b.yaml")
