@@ -51,58 +51,21 @@ def ring_bytes(nbytes: int, size: int, kind: str) -> int:
     return factor * nbytes * (size - 1) // size
 
 
-class _Copy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t, comm):
-        ctx.comm = comm
-        return t
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad, ctx.comm), None
+def _same(t: torch.Tensor, comm: "GroupComm") -> torch.Tensor:
+    return t
 
 
-class _Reduce(torch.autograd.Function):
+class _Conjugate(torch.autograd.Function):
+    """A collective ``forward`` whose gradient is the conjugate collective ``backward`` (both ``(t, comm)``)."""
+
     @staticmethod
-    def forward(ctx, t, comm):
-        return _all_reduce(t, comm)
+    def forward(ctx, t, comm, forward, backward):
+        ctx.comm, ctx.backward = comm, backward
+        return forward(t, comm)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
-
-
-class _Scatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t, comm):
-        ctx.comm = comm
-        return _slice_last(t, comm)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_last(grad, ctx.comm), None
-
-
-class _Gather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t, comm):
-        ctx.comm = comm
-        return _all_gather_last(t, comm)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _slice_last(grad, ctx.comm), None
-
-
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t, comm):
-        ctx.comm = comm
-        return _all_to_all(t, comm)
-
-    @staticmethod
-    def backward(ctx, grad):  # the exchange is a permutation of the ranks' chunks: its adjoint is itself
-        return _all_to_all(grad, ctx.comm), None
+        return ctx.backward(grad, ctx.comm), None, None, None
 
 
 class GroupComm:
@@ -124,20 +87,24 @@ class GroupComm:
     def __deepcopy__(self, memo):  # a communicator is shared, never copied (pipeline stages copy the model)
         return self
 
+    def _apply(self, t: torch.Tensor, forward, backward) -> torch.Tensor:
+        return _Conjugate.apply(t, self, forward, backward) if self.size > 1 else t
+
     def copy(self, t: torch.Tensor) -> torch.Tensor:
-        return _Copy.apply(t, self) if self.size > 1 else t
+        return self._apply(t, _same, _all_reduce)
 
     def reduce(self, t: torch.Tensor) -> torch.Tensor:
-        return _Reduce.apply(t, self) if self.size > 1 else t
+        return self._apply(t, _all_reduce, _same)
 
     def scatter(self, t: torch.Tensor) -> torch.Tensor:
-        return _Scatter.apply(t, self) if self.size > 1 else t
+        return self._apply(t, _slice_last, _all_gather_last)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
-        return _Gather.apply(t, self) if self.size > 1 else t
+        return self._apply(t, _all_gather_last, _slice_last)
 
     def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
-        return _AllToAll.apply(t, self) if self.size > 1 else t
+        # the exchange permutes the ranks' chunks, so its adjoint is the same exchange
+        return self._apply(t, _all_to_all, _all_to_all)
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """In-place sum over the group (no autograd), e.g. for partial gradients."""
