@@ -6,17 +6,9 @@ Three stages, so a tensor-parallel layer can communicate the compressed ``[..., 
 
 import torch
 
+from kernels.blockdiag import blockdiag_matmul, blockdiag_triton
 from kernels.dispatch import rows, use_triton
 from kernels.triton_bmm import View, strided_bmm
-
-
-def blast_project_triton(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    bj, q, r = v.shape
-    x2, m = rows(x)
-    # A[j, m, k] = x[m, j q + k];  B[j, k, n] = V[j, k, n];  C[j, m, n] = z[m, j r + n]
-    z = strided_bmm(x2, View(bj, m, q, q, bj * q, 1), v, View(bj, q, r, q * r, r, 1), (m, bj * r),
-                    View(bj, m, r, r, bj * r, 1))
-    return z.reshape(*x.shape[:-1], bj, r)
 
 
 def blast_couple_triton(z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -29,20 +21,11 @@ def blast_couple_triton(z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return w.reshape(*z.shape[:-2], bi, r)
 
 
-def blast_expand_triton(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    bi, p, r = u.shape
-    w2, m = rows(w.reshape(*w.shape[:-2], bi * r))
-    # A[i, m, t] = w[m, i r + t];  B[i, t, n] = U[i, n, t];  C[i, m, n] = y[m, i p + n]
-    y = strided_bmm(w2, View(bi, m, r, r, bi * r, 1), u, View(bi, r, p, p * r, 1, r), (m, bi * p),
-                    View(bi, m, p, p, bi * p, 1))
-    return y.reshape(*w.shape[:-2], bi * p)
-
-
 def blast_project(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``x[..., bj * q]``, ``V[bj, q, r]`` -> ``z[..., bj, r]``."""
+    bj, q, r = v.shape
     if use_triton(x, v):
-        return blast_project_triton(x, v)
-    bj, q, _ = v.shape
+        return blockdiag_triton(x, v, input_major=True).reshape(*x.shape[:-1], bj, r)
     xb = x.reshape(*x.shape[:-1], bj, q)  # [..., bj, q]
     return torch.einsum("...jq,jqr->...jr", xb, v)
 
@@ -55,11 +38,8 @@ def blast_couple(z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def blast_expand(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``w[..., bi, r]``, ``U[bi, p, r]`` -> ``y[..., bi * p]``."""
-    if use_triton(w, u):
-        return blast_expand_triton(w, u)
-    y = torch.einsum("...ir,ipr->...ip", w, u)  # [..., bi, p]
-    return y.reshape(*w.shape[:-2], -1)
+    """``w[..., bi, r]``, ``U[bi, p, r]`` -> ``y[..., bi * p]``: the block-diagonal product with blocks U."""
+    return blockdiag_matmul(w.reshape(*w.shape[:-2], -1), u)
 
 
 def blast_matmul(x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -10,12 +10,13 @@ from kernels.dispatch import rows, use_triton
 from kernels.triton_bmm import View, strided_bmm
 
 
-def blockdiag_triton(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    nb, p, q = w.shape
+def blockdiag_triton(x: torch.Tensor, w: torch.Tensor, input_major: bool = False) -> torch.Tensor:
+    """Blocks ``w[nb, p, q]`` (output x input), or ``w[nb, q, p]`` with ``input_major`` (e.g. BLAST's V)."""
+    nb, p, q = (w.shape[0], w.shape[2], w.shape[1]) if input_major else w.shape
     x2, m = rows(x)
-    # A[b, m, k] = x[m, b q + k];  B[b, k, j] = w[b, j, k];  C[b, m, j] = y[m, b p + j]
-    y = strided_bmm(x2, View(nb, m, q, q, nb * q, 1), w, View(nb, q, p, p * q, 1, q), (m, nb * p),
-                    View(nb, m, p, p, nb * p, 1))
+    # A[b, m, k] = x[m, b q + k];  B[b, k, j] = w[b, j, k] (or w[b, k, j]);  C[b, m, j] = y[m, b p + j]
+    bv = View(nb, q, p, p * q, p, 1) if input_major else View(nb, q, p, p * q, 1, q)
+    y = strided_bmm(x2, View(nb, m, q, q, nb * q, 1), w, bv, (m, nb * p), View(nb, m, p, p, nb * p, 1))
     return y.reshape(*x.shape[:-1], nb * p)
 
 

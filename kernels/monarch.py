@@ -27,13 +27,8 @@ def monarch_left_triton(h: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
 
 
 def monarch_right(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """First factor: ``[..., nbR * p] -> [..., nbR * m]`` (block-ordered hidden vector)."""
-    if use_triton(x, r):
-        return blockdiag_matmul(x, r)
-    nb, m, p = r.shape
-    xb = x.reshape(*x.shape[:-1], nb, p)  # [..., nbR, p]
-    h = torch.einsum("...kp,kqp->...kq", xb, r)  # [..., nbR, m]
-    return h.reshape(*x.shape[:-1], nb * m)
+    """First factor, a block-diagonal product: ``[..., nbR * p] -> [..., nbR * m]`` (block-ordered hidden)."""
+    return blockdiag_matmul(x, r)
 
 
 def monarch_left(h: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
