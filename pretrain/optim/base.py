@@ -18,6 +18,7 @@ histories), tied to the block itself, so it reshards across dp and pp but a tens
 state only loads at the same tp degree.
 """
 
+import abc
 from collections.abc import Callable, Iterable
 from typing import ClassVar
 
@@ -50,7 +51,7 @@ def ownership_report(sizes: dict[str, int], owners: dict[str, int], ranks: int) 
     return {"elements": load, "imbalance": max(load) / mean if mean else 1.0}
 
 
-class BlockOptimizer(torch.optim.Optimizer):
+class BlockOptimizer(torch.optim.Optimizer, abc.ABC):
     """Shared machinery; see the module docstring."""
 
     name: ClassVar[str]
@@ -80,12 +81,13 @@ class BlockOptimizer(torch.optim.Optimizer):
                     self.state[p] = self.init_state(p, group)
 
     # -- what subclasses implement ----------------------------------------------------------------------
+    @abc.abstractmethod
     def init_state(self, p: torch.Tensor, group: dict) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The zero state of one owned block (allocated at construction)."""
 
+    @abc.abstractmethod
     def direction(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
         """The update direction ``d`` of one owned block (``p`` moves by ``-lr d``)."""
-        raise NotImplementedError
 
     # -- ownership --------------------------------------------------------------------------------------
     def owns(self, p: torch.Tensor) -> bool:

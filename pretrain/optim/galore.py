@@ -23,17 +23,14 @@ import torch
 from pretrain.optim.base import BlockOptimizer, adam_direction
 
 
-@lru_cache(maxsize=32)
-def _dct(k: int) -> torch.Tensor:
+@lru_cache(maxsize=64)
+def dct_basis(k: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Orthonormal DCT-II basis ``[k, k]``: column j is the j-th cosine (computed in float64, cached per
+    size, dtype and device, so a GaLore step reuses it; do not modify the returned tensor)."""
     j = torch.arange(k, dtype=torch.float64)
     basis = torch.cos(math.pi * (2 * j[:, None] + 1) * j[None, :] / (2 * k)) * math.sqrt(2.0 / k)
     basis[:, 0] /= math.sqrt(2.0)
-    return basis
-
-
-def dct_basis(k: int, dtype=torch.float32, device=None) -> torch.Tensor:
-    """Orthonormal DCT-II basis ``[k, k]``: column j is the j-th cosine (computed in float64)."""
-    return _dct(k).to(dtype=dtype, device=device)
+    return basis.to(dtype=dtype, device=device)
 
 
 class GaLore(BlockOptimizer):

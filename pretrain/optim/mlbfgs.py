@@ -48,7 +48,8 @@ class MomentumLBFGS(BlockOptimizer):
         return {"s_avg": like(), "y_avg": like(), "prev_grad": like(), "last_step": like(),
                 "s_hist": torch.zeros(h, p.numel(), dtype=torch.float32, device=p.device),
                 "y_hist": torch.zeros(h, p.numel(), dtype=torch.float32, device=p.device),
-                "pairs": torch.zeros((), dtype=torch.int64, device=p.device)}
+                "pairs": torch.zeros((), dtype=torch.int64, device=p.device),
+                "head": torch.zeros((), dtype=torch.int64, device=p.device)}
 
     def direction(self, p, grad, state, group):
         g = grad.float()
@@ -87,27 +88,28 @@ class MomentumLBFGS(BlockOptimizer):
         # recursion ill-conditioned (rho = 1/s.y explodes).
         if not (torch.isfinite(yy) and sy > MIN_COSINE * torch.sqrt(ss * yy)):
             return
-        for key, v in (("s_hist", s), ("y_hist", y)):
-            hist = state[key]
-            hist.copy_(hist.roll(-1, dims=0))
-            hist[-1].copy_(v)
-        state["pairs"].fill_(min(int(state["pairs"]) + 1, state["s_hist"].shape[0]))
+        head, h = int(state["head"]), state["s_hist"].shape[0]  # a ring buffer: the oldest pair is overwritten
+        state["s_hist"][head].copy_(s)
+        state["y_hist"][head].copy_(y)
+        state["head"].fill_((head + 1) % h)
+        state["pairs"].fill_(min(int(state["pairs"]) + 1, h))
 
     @staticmethod
     def _two_loop(q: torch.Tensor, state: dict) -> torch.Tensor:
         n = int(state["pairs"])
         if n == 0:
             return q.clone()
-        s_hist, y_hist = state["s_hist"][-n:], state["y_hist"][-n:]
-        rho = 1.0 / (s_hist * y_hist).sum(dim=1)
+        h, head = state["s_hist"].shape[0], int(state["head"])
+        pairs = [(state["s_hist"][i], state["y_hist"][i]) for i in ((head - n + k) % h for k in range(n))]
+        rho = [1.0 / float(torch.dot(s, y)) for s, y in pairs]  # oldest first
         q = q.clone()
-        alpha = torch.empty(n, dtype=q.dtype, device=q.device)
-        for i in reversed(range(n)):
-            alpha[i] = rho[i] * torch.dot(s_hist[i], q)
-            q.sub_(y_hist[i], alpha=float(alpha[i]))
-        gamma = torch.dot(s_hist[-1], y_hist[-1]) / torch.dot(y_hist[-1], y_hist[-1])
-        r = q.mul_(gamma)
-        for i in range(n):
-            b = rho[i] * torch.dot(y_hist[i], r)
-            r.add_(s_hist[i], alpha=float(alpha[i] - b))
+        alpha = [0.0] * n
+        for k in reversed(range(n)):
+            s, y = pairs[k]
+            alpha[k] = rho[k] * float(torch.dot(s, q))
+            q.sub_(y, alpha=alpha[k])
+        s, y = pairs[-1]
+        r = q.mul_(torch.dot(s, y) / torch.dot(y, y))
+        for k, (s, y) in enumerate(pairs):
+            r.add_(s, alpha=alpha[k] - rho[k] * float(torch.dot(y, r)))
         return r
