@@ -1,7 +1,8 @@
-"""Data parallelism: gradients averaged over the dp group, and the global gradient norm over all dims."""
+"""Data parallelism: gradients averaged onto their owners in the dp group, and the global gradient norm over all
+dims."""
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -38,18 +39,14 @@ def flat_apply(tensors: list[torch.Tensor], fn: Callable[[torch.Tensor], None]) 
     return flat.numel() * flat.element_size()
 
 
-def all_reduce_mean(grads: list[torch.Tensor], group: ProcessGroup | None, size: int) -> int:
-    """Average gradients over ``group`` in flat buckets (one all-reduce per bucket and dtype); returns the
-    bytes this rank sent (ring all-reduce)."""
-    if group is None or size == 1 or not grads:
-        return 0
-
-    def mean(flat):
-        dist.all_reduce(flat, group=group)
-        flat.div_(size)
-
-    ordered = sorted(grads, key=lambda t: t.dtype == torch.float32)  # group dtypes into buckets
-    return sum(ring_bytes(flat_apply(run, mean), size, "all_reduce") for run in buckets(ordered))
+def owner_buckets(tensors: dict[str, torch.Tensor], owners: dict[str, int],
+                  size: int) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """``(owner dp rank, bucket)`` over every owner's tensors, in one order on every rank (names sorted,
+    dtypes grouped into buckets)."""
+    for owner in range(size):
+        mine = [tensors[n] for n in sorted(tensors) if owners[n] == owner]
+        for run in buckets(sorted(mine, key=lambda t: t.dtype == torch.float32)):
+            yield owner, run
 
 
 def reduce_to_owners(grads: dict[str, torch.Tensor], owners: dict[str, int], group: ProcessGroup | None,
@@ -60,16 +57,14 @@ def reduce_to_owners(grads: dict[str, torch.Tensor], owners: dict[str, int], gro
     if group is None or size == 1:
         return 0
     sent = 0
-    for owner in range(size):
+    for owner, run in owner_buckets(grads, owners, size):
         dst = dist.get_global_rank(group, owner)
 
         def mean(flat, dst=dst):
             dist.reduce(flat, dst=dst, group=group)
             flat.div_(size)
 
-        mine = [grads[n] for n in sorted(grads) if owners[n] == owner]  # one order on every rank
-        for run in buckets(sorted(mine, key=lambda t: t.dtype == torch.float32)):
-            sent += ring_bytes(flat_apply(run, mean), size, "all_gather")
+        sent += ring_bytes(flat_apply(run, mean), size, "all_gather")
     return sent
 
 

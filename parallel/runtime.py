@@ -11,7 +11,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from model.gpt import GPT
 from parallel.comm import GroupComm
-from parallel.data import all_reduce_mean, clip_global_norm, reduce_to_owners
+from parallel.data import clip_global_norm, reduce_to_owners
 from parallel.mesh import ParallelDims
 from parallel.pipeline import Pipeline, split_stage, stage_ids
 from parallel.tensor import apply_tp
@@ -35,7 +35,7 @@ class ParallelModel:
         self.partial: set[str] = set()
         self.tp_comm = GroupComm(self.tp_group) if dims.tp > 1 else None
         self.comm_bytes = {"dp": 0, "pp": 0}
-        """Bytes this rank all-reduced over dp and sent over pp (tp: ``tp_comm.bytes``)."""
+        """Bytes this rank reduced over dp and sent over pp (tp: ``tp_comm.bytes``)."""
         if self.tp_comm is not None:
             placements, self.partial = apply_tp(model, self.tp_comm)
             self.placements.update(placements)
@@ -108,29 +108,23 @@ class ParallelModel:
         finally:
             self.train(True)
 
-    def reduce_and_clip(self, max_norm: float, owners: dict[str, int] | None = None) -> float:
-        """Sum partial tensor-parallel gradients, average over data parallel, clip to the global norm.
-
-        With ``owners`` (parameter name -> dp rank, a block-wise optimizer's) each gradient is averaged onto
-        its owner only, the other ranks drop theirs (``grad = None``), and the norm sums the owned parts.
-        """
+    def reduce_and_clip(self, max_norm: float, owners: dict[str, int]) -> float:
+        """Sum partial tensor-parallel gradients, average each gradient onto its owner in the dp group
+        (``owners``: parameter name -> dp rank, the block-wise optimizer's), drop the others (``grad =
+        None``), and clip to the global norm, which sums the owned parts."""
         grads = {n: p.grad for n, p in self._params.items() if p.grad is not None}
         if self.tp_group is not None:
             for name in sorted(self.partial):  # the same order on every rank (set order is per-process)
                 if name in grads:
                     self.tp_comm.all_reduce_(grads[name])
-        dp_group = None
-        if owners is None or self.dims.dp == 1:
-            self.comm_bytes["dp"] += all_reduce_mean(list(grads.values()), self.dp_group, self.dims.dp)
-        else:
-            self.comm_bytes["dp"] += reduce_to_owners(grads, owners, self.dp_group, self.dims.dp)
-            for name in [n for n in grads if owners[n] != self.dp_rank]:
-                self._params[name].grad = None
-                del grads[name]
-            dp_group = self.dp_group
+        self.comm_bytes["dp"] += reduce_to_owners(grads, owners, self.dp_group, self.dims.dp)
+        for name in [n for n in grads if owners[n] != self.dp_rank]:
+            self._params[name].grad = None
+            del grads[name]
         sharded = {n for n, d in self.placements.items() if d is not None}
         return clip_global_norm(grads, sharded, max_norm, self.tp_group if self.dims.tp > 1 else None,
-                                self.pp_group if self.dims.pp > 1 else None, dp_group)
+                                self.pp_group if self.dims.pp > 1 else None,
+                                self.dp_group if self.dims.dp > 1 else None)
 
     def global_mean(self, local: torch.Tensor | None) -> float:
         """The loss of the whole global batch, known on every rank (averaged over dp, taken from the last

@@ -28,7 +28,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from parallel.comm import ring_bytes
-from parallel.data import buckets, flat_apply
+from parallel.data import flat_apply, owner_buckets
 
 
 def assign_owners(sizes: dict[str, int], ranks: int) -> dict[str, int]:
@@ -120,14 +120,11 @@ class BlockOptimizer(torch.optim.Optimizer, abc.ABC):
     def _broadcast_updates(self) -> None:
         if self.dp_size == 1:
             return
-        params = [p for g in self.param_groups for p in g["params"]]
-        for owner in range(self.dp_size):
+        params = {self.names[id(p)]: p.data for g in self.param_groups for p in g["params"]}
+        for owner, run in owner_buckets(params, self.owners, self.dp_size):
             src = dist.get_global_rank(self.dp_group, owner)
-            owned = [p for p in params if self.owners[self.names[id(p)]] == owner]
-            for run in buckets(owned):
-                nbytes = flat_apply([p.data for p in run],
-                                    lambda flat, src=src: dist.broadcast(flat, src=src, group=self.dp_group))
-                self.comm_bytes += ring_bytes(nbytes, self.dp_size, "all_gather")
+            nbytes = flat_apply(run, lambda flat, src=src: dist.broadcast(flat, src=src, group=self.dp_group))
+            self.comm_bytes += ring_bytes(nbytes, self.dp_size, "all_gather")
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def checkpoint_state(self, to_global: Callable[[str, torch.Tensor, bool], object]) -> dict:
