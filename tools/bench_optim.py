@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from pretrain.config import UserError, load_config
-from pretrain.metrics import read_metrics
 from pretrain.optim import OPTIMIZERS, assign_owners, build_optimizer, ownership_report
 from pretrain.train import Trainer, build_model
+from tools.bench_common import WARMUP_STEPS, quiet_run, ratio, run_records
 
 RECIPES = {"adamw": "configs/tiny-cpu.yaml", "galore": "configs/tiny-cpu-galore.yaml",
            "mlbfgs": "configs/tiny-cpu-mlbfgs.yaml"}
@@ -49,18 +49,14 @@ class StepTimer:
 
 
 def tiny(name: str, steps: int, out: Path, extra: list[str]) -> dict:
-    overrides = [f"train.steps={steps}", f"train.out_dir={out}", f"train.eval_interval={steps}",
-                 "checkpoint.interval=0", "checkpoint.keep=1", "log.interval=1", "log.progress=false",
-                 "log.tensorboard=false", *extra]
-    trainer = Trainer(load_config(RECIPES[name], overrides))
+    trainer = Trainer(load_config(RECIPES[name], [*quiet_run(steps, out), *extra]))
     params = sum(p.numel() for _, p in trainer.model.named_parameters())
     state = trainer.optimizer.state_bytes()
     timer = StepTimer(trainer.optimizer)
     result = trainer.fit()
-    rec = read_metrics(out / "metrics.jsonl")
-    tok_s = statistics.median(r["perf/tokens_per_s"] for s, r in rec.items() if s > 2 and "perf/tokens_per_s" in r)
+    rec, tok_s = run_records(out)
     tokens = trainer.cfg.train.global_batch * trainer.cfg.data.seq_len
-    return {"state_per_param": state / params, "opt_ms": 1e3 * statistics.median(timer.times[2:]),
+    return {"state_per_param": state / params, "opt_ms": 1e3 * statistics.median(timer.times[WARMUP_STEPS:]),
             "step_ms": 1e3 * tokens / tok_s, "val0": rec[0]["val/loss"], "val": result["val/loss"]}
 
 
@@ -86,10 +82,6 @@ def big(config: str, names: list[str], steps: int, dp: int) -> tuple[dict, dict]
     sizes = {n: p.numel() for n, p in named}
     own = ownership_report(sizes, assign_owners(sizes, dp), dp)
     return rows, {"params": params, "blocks": len(sizes), **own}
-
-
-def ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}" if b else "-"
 
 
 def main(argv=None) -> int:

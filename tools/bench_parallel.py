@@ -16,7 +16,6 @@ pp = its activation and gradient sends. Ratios are to dense from the same run.
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,8 +55,8 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from pretrain.config import load_config
-    from pretrain.metrics import read_metrics
     from pretrain.train import Trainer
+    from tools.bench_common import quiet_run, ratio, run_records
 
     rows = {}
     tmp = args.worker
@@ -66,19 +65,15 @@ def worker(args) -> None:
             f"data.paths=[{args.data}]", f"data.seq_len={args.seq_len}", f"model.max_seq_len={args.seq_len}",
             f"model.d_model={args.d_model}", f"model.n_layers={args.layers}", "model.n_heads=4",
             "model.n_kv_heads=4", f"model.d_ff={3 * args.d_model}", f"model.structure={{default: {SPECS[name]}}}",
-            f"train.steps={args.steps}", f"train.global_batch={args.global_batch}",
-            f"train.micro_batch={args.micro_batch}", f"train.eval_interval={10 * args.steps}",
-            "train.eval_batches=4",
-            "checkpoint.interval=0", "log.interval=1", "log.progress=false", "log.tensorboard=false",
-            f"parallel.dp={args.dp}", f"parallel.tp={args.tp}", f"parallel.pp={args.pp}",
-            f"train.out_dir={Path(tmp) / name}"]
+            f"train.global_batch={args.global_batch}", f"train.micro_batch={args.micro_batch}",
+            "train.eval_batches=4", f"parallel.dp={args.dp}", f"parallel.tp={args.tp}", f"parallel.pp={args.pp}",
+            *quiet_run(args.steps, Path(tmp) / name)]
         trainer = Trainer(load_config(None, overrides))
         trainer.fit()
         pm = trainer.model
         tp_bytes = pm.tp_comm.bytes if pm.tp_comm else 0
         if dist.get_rank() == 0:  # bytes are the same every step; tokens/s is the median after 2 warm-up steps
-            rec = read_metrics(Path(tmp) / name / "metrics.jsonl")
-            tok_s = statistics.median(rec[s]["perf/tokens_per_s"] for s in range(3, args.steps + 1))
+            _, tok_s = run_records(Path(tmp) / name)
             dp_bytes = pm.comm_bytes["dp"] + trainer.optimizer.comm_bytes  # gradient reduce + updated-block broadcast
             rows[name] = {"tok_s": tok_s, "tp": tp_bytes / args.steps, "dp": dp_bytes / args.steps,
                           "pp": pm.comm_bytes["pp"] / args.steps, "params": trainer.full_params}
@@ -88,9 +83,6 @@ def worker(args) -> None:
               f"seq {args.seq_len}, global batch {args.global_batch}; bytes per step on rank 0; ratios to dense\n")
         print("| structure | params | tokens/s | x dense | tp MB/step | x dense | dp MB/step | x dense | pp MB/step |")
         print("|---|---|---|---|---|---|---|---|---|")
-
-        def ratio(a, b):
-            return f"{a / b:.2f}" if b else "-"
 
         for name, r in rows.items():
             print(f"| {name} | {r['params']:,} | {r['tok_s']:,.0f} | {ratio(r['tok_s'], base['tok_s'])} | "

@@ -11,14 +11,13 @@ tokens/s (median step), final validation loss, each also as a ratio to dense.
 """
 
 import argparse
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 from pretrain.config import UserError, load_config
-from pretrain.metrics import read_metrics
 from pretrain.train import Trainer
+from tools.bench_common import quiet_run, ratio, run_records
 
 SPECS = {
     "dense": "{kind: dense}",
@@ -33,15 +32,12 @@ SPECS = {
 
 
 def run_one(config: str, spec: str, steps: int, data: str | None, out_dir: Path, extra: list[str]) -> dict:
-    overrides = [f"model.structure={{default: {spec}}}", f"train.steps={steps}", f"train.out_dir={out_dir}",
-                 f"train.eval_interval={steps}", "checkpoint.interval=0", "checkpoint.keep=1", "log.interval=1",
-                 "log.progress=false", "log.tensorboard=false", *extra]
+    overrides = [f"model.structure={{default: {spec}}}", *quiet_run(steps, out_dir), *extra]
     if data:
         overrides.append(f"data.paths=[{data}]")
     trainer = Trainer(load_config(config, overrides))
     result = trainer.fit()
-    rec = read_metrics(out_dir / "metrics.jsonl")
-    tok_s = statistics.median(r["perf/tokens_per_s"] for s, r in rec.items() if s > 2 and "perf/tokens_per_s" in r)
+    rec, tok_s = run_records(out_dir)
     return {"params": trainer.model.num_params(exclude_embedding=True),
             "flops": trainer.model.flops_per_token(trainer.cfg.data.seq_len)["forward"],
             "tok_s": tok_s, "val0": rec[0]["val/loss"], "val": result["val/loss"]}
@@ -77,8 +73,8 @@ def main(argv=None) -> int:
           "val loss (init) | final val loss | diff vs dense |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['params']:,} | {r['params'] / base['params']:.2f} | {r['flops']:,} | "
-              f"{r['flops'] / base['flops']:.2f} | {r['tok_s']:,.0f} | {r['tok_s'] / base['tok_s']:.2f} | "
+        print(f"| {name} | {r['params']:,} | {ratio(r['params'], base['params'])} | {r['flops']:,} | "
+              f"{ratio(r['flops'], base['flops'])} | {r['tok_s']:,.0f} | {ratio(r['tok_s'], base['tok_s'])} | "
               f"{r['val0']:.3f} | {r['val']:.3f} | {r['val'] - base['val']:+.3f} |")
     return 0
 
