@@ -38,8 +38,8 @@ def run_one(config: str, spec: str, steps: int, data: str | None, out_dir: Path,
     trainer = Trainer(load_config(config, overrides))
     result = trainer.fit()
     rec, tok_s = run_records(out_dir)
-    return {"params": trainer.model.num_params(exclude_embedding=True),
-            "flops": trainer.model.flops_per_token(trainer.cfg.data.seq_len)["forward"],
+    gpt = trainer.model.stages[0]  # one process: the whole GPT
+    return {"params": gpt.num_params(exclude_embedding=True), "flops": trainer.flops["forward"],
             "tok_s": tok_s, "val0": rec[0]["val/loss"], "val": result["val/loss"]}
 
 

@@ -1,0 +1,30 @@
+"""The benchmark tools run end to end on a tiny model (their numbers are reported, not asserted)."""
+
+from pathlib import Path
+
+from tools import bench_optim, bench_structures
+
+ROOT = Path(__file__).parents[2]
+
+
+def _rows(out: str) -> dict[str, list[str]]:
+    rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    return {r[0].strip(): [c.strip() for c in r[1:]] for r in rows[1:]}
+
+
+def test_bench_structures_prints_ratios_to_dense(tiny_store, capsys):
+    args = ["--config", str(ROOT / "configs/tiny-cpu.yaml"), "--steps", "4", "--structures", "lowrank",
+            "--data", str(tiny_store)]
+    assert bench_structures.main(args) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert set(rows) == {"dense", "lowrank"} and rows["dense"][1] == "1.00"
+    assert 0 < float(rows["lowrank"][1]) < 1  # fewer parameters than dense
+
+
+def test_bench_optim_prints_ratios_to_adamw(tiny_store, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    args = ["--steps", "4", "--optimizers", "adamw,galore", "--big-config", "none", "--set",
+            f"data.paths=[{tiny_store}]"]
+    assert bench_optim.main(args) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert set(rows) == {"adamw", "galore"} and rows["adamw"][1] == "1.00"
