@@ -40,8 +40,3 @@ def blast_couple(z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 def blast_expand(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``w[..., bi, r]``, ``U[bi, p, r]`` -> ``y[..., bi * p]``: the block-diagonal product with blocks U."""
     return blockdiag_matmul(w.reshape(*w.shape[:-2], -1), u)
-
-
-def blast_matmul(x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Apply a BLAST matrix: ``U[b, p, r]``, ``S[b, b, r]``, ``V[b, q, r]``; ``[..., b*q] -> [..., b*p]``."""
-    return blast_expand(blast_couple(blast_project(x, v), s), u)

@@ -27,8 +27,3 @@ def lowrank_project(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def lowrank_expand(z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``[..., r] @ U[out, r]^T -> [..., out]``."""
     return linear_triton(z, u) if use_triton(z, u) else z @ u.t()
-
-
-def lowrank_matmul(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Apply ``W = U V`` (``U[out, r]``, ``V[r, in]``) without forming it: ``[..., in] -> [..., out]``."""
-    return lowrank_expand(lowrank_project(x, v), u)

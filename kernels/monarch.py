@@ -40,8 +40,3 @@ def monarch_left(h: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
     hb = h.reshape(*lead, rl, nbl).transpose(-1, -2)  # [..., nbL, rL]: element r*nbL + l -> block l
     y = torch.einsum("...lr,lsr->...ls", hb, l)  # [..., nbL, s]
     return y.reshape(*lead, nbl * s)
-
-
-def monarch_matmul(x: torch.Tensor, r: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """Apply a Monarch matrix: ``R[nb, m, in/nb]``, ``L[nb, out/nb, m]``; ``[..., in] -> [..., out]``."""
-    return monarch_left(monarch_right(x, r), l)
