@@ -8,6 +8,8 @@ all-reduce runs on ``input.contiguous()`` and returns the input, which silently 
 non-contiguous gradient; these versions make every buffer contiguous and run on gloo and NCCL alike.
 """
 
+from collections import Counter, deque
+
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
@@ -51,6 +53,25 @@ def ring_bytes(nbytes: int, size: int, kind: str) -> int:
     return factor * nbytes * (size - 1) // size
 
 
+class CommStats:
+    """Bytes sent per mesh dimension and the most recent collectives, for benchmarks and tests.
+
+    Off by default: nothing is counted unless a benchmark or test attaches one (``ParallelModel.record_comm``,
+    ``GroupComm.stats``), and the log keeps only the newest ``log_limit`` entries, so a long run never grows it.
+    """
+
+    def __init__(self, log_limit: int = 4096):
+        self.bytes: Counter[str] = Counter()
+        """Bytes this rank sent, by dimension (tp, dp, pp), counted for ring algorithms."""
+        self.log: deque[tuple[str, int]] = deque(maxlen=log_limit)
+        """(collective, elements of its full buffer) of the newest tensor-parallel collectives."""
+
+    def add(self, dim: str, nbytes: int, entry: tuple[str, int] | None = None) -> None:
+        self.bytes[dim] += nbytes
+        if entry is not None:
+            self.log.append(entry)
+
+
 def _same(t: torch.Tensor, comm: "GroupComm") -> torch.Tensor:
     return t
 
@@ -75,14 +96,12 @@ class GroupComm:
         self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
-        self.bytes = 0
-        """Bytes this rank has sent so far (ring algorithms; what ``tools/bench_parallel.py`` reports)."""
-        self.log: list[tuple[str, int]] = []
-        """(collective, elements of its full buffer) of every collective issued, for tests and benchmarks."""
+        self.stats: CommStats | None = None
+        """Where collectives are counted (``tp``), when a benchmark or test attaches one; None: not counted."""
 
     def count(self, t: torch.Tensor, kind: str) -> None:
-        self.bytes += ring_bytes(t.numel() * t.element_size(), self.size, kind)
-        self.log.append((kind, t.numel()))
+        if self.stats is not None:
+            self.stats.add("tp", ring_bytes(t.numel() * t.element_size(), self.size, kind), (kind, t.numel()))
 
     def __deepcopy__(self, memo):  # a communicator is shared, never copied (pipeline stages copy the model)
         return self

@@ -7,10 +7,9 @@ topology starts from the same weights.
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh
 
 from model.gpt import GPT
-from parallel.comm import GroupComm
+from parallel.comm import CommStats, GroupComm
 from parallel.data import clip_global_norm, reduce_to_owners
 from parallel.mesh import ParallelDims
 from parallel.pipeline import Pipeline, split_stage, stage_ids
@@ -18,24 +17,25 @@ from parallel.tensor import apply_tp
 
 
 class ParallelModel:
-    """This rank's part of the model, its process groups and the train/eval steps."""
+    """This rank's part of the model, its process groups and the train/eval steps.
 
-    def __init__(self, model: GPT, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device,
-                 micro_batch: int, local_batch: int, schedule: str = "1f1b"):
-        self.dims, self.mesh, self.device = dims, mesh, device
+    ``placements`` maps every parameter and persistent buffer to the dimension split over tensor-parallel
+    ranks (None: replicated); the checkpoint reads it to give each local tensor its global view.
+    """
+
+    def __init__(self, model: GPT, dims: ParallelDims, device: torch.device, micro_batch: int = 1,
+                 local_batch: int = 1, schedule: str = "1f1b"):
+        self.dims, self.device = dims, device
         self.micro_batch, self.local_batch = micro_batch, local_batch
-        groups = {name: mesh.get_group(name) for name in ("pp", "dp", "tp")} if mesh is not None else {}
-        self.tp_group, self.dp_group, self.pp_group = groups.get("tp"), groups.get("dp"), groups.get("pp")
-        self.tp_rank = dist.get_rank(self.tp_group) if self.tp_group else 0
-        self.dp_rank = dist.get_rank(self.dp_group) if self.dp_group else 0
-        self.pp_rank = dist.get_rank(self.pp_group) if self.pp_group else 0
+        self.tp_group, self.dp_group, self.pp_group = dims.group("tp"), dims.group("dp"), dims.group("pp")
+        self.tp_rank, self.dp_rank, self.pp_rank = dims.rank("tp"), dims.rank("dp"), dims.rank("pp")
 
         self.placements = {name: None for name, _ in model.named_parameters()}
         self.placements.update({name: None for name, _ in model.named_buffers()})
         self.partial: set[str] = set()
-        self.tp_comm = GroupComm(self.tp_group) if dims.tp > 1 else None
-        self.comm_bytes = {"dp": 0, "pp": 0}
-        """Bytes this rank reduced over dp and sent over pp (tp: ``tp_comm.bytes``)."""
+        self.tp_comm = GroupComm(self.tp_group) if self.tp_group is not None else None
+        self.comm_stats: CommStats | None = None
+        """Bytes sent over dp, pp and tp, when a benchmark attached a ``CommStats`` (``record_comm``)."""
         if self.tp_comm is not None:
             placements, self.partial = apply_tp(model, self.tp_comm)
             self.placements.update(placements)
@@ -48,6 +48,12 @@ class ParallelModel:
             self.stages = {0: model.to(device)}
             self.pipeline = None
         self._params = dict(self.named_parameters())
+
+    def record_comm(self, stats: CommStats) -> None:
+        """Count this rank's communication into ``stats`` from now on (benchmarks; off by default)."""
+        self.comm_stats = stats
+        if self.tp_comm is not None:
+            self.tp_comm.stats = stats
 
     # -- parameters -------------------------------------------------------------------------------------
     def named_parameters(self):
@@ -82,7 +88,8 @@ class ParallelModel:
         this rank computes it (the last pipeline stage), else None."""
         x, y = x.to(self.device), y.to(self.device)
         if self.pipeline is not None:
-            self.comm_bytes["pp"] += self.pipeline.p2p_bytes(*x.shape)
+            if self.comm_stats is not None:
+                self.comm_stats.add("pp", self.pipeline.p2p_bytes(*x.shape))
             with autocast:
                 return self.pipeline.train_step(x, y)
         model = self.stages[0]
@@ -117,14 +124,14 @@ class ParallelModel:
             for name in sorted(self.partial):  # the same order on every rank (set order is per-process)
                 if name in grads:
                     self.tp_comm.all_reduce_(grads[name])
-        self.comm_bytes["dp"] += reduce_to_owners(grads, owners, self.dp_group, self.dims.dp)
+        sent = reduce_to_owners(grads, owners, self.dp_group, self.dims.dp)
+        if self.comm_stats is not None:
+            self.comm_stats.add("dp", sent)
         for name in [n for n in grads if owners[n] != self.dp_rank]:
             self._params[name].grad = None
             del grads[name]
         sharded = {n for n, d in self.placements.items() if d is not None}
-        return clip_global_norm(grads, sharded, max_norm, self.tp_group if self.dims.tp > 1 else None,
-                                self.pp_group if self.dims.pp > 1 else None,
-                                self.dp_group if self.dims.dp > 1 else None)
+        return clip_global_norm(grads, sharded, max_norm, self.tp_group, self.pp_group, self.dp_group)
 
     def global_mean(self, local: torch.Tensor | None) -> float:
         """The loss of the whole global batch, known on every rank (averaged over dp, taken from the last
@@ -137,60 +144,3 @@ class ParallelModel:
             value += float(local) / self.dims.dp
         dist.all_reduce(value)
         return float(value)
-
-
-# -- checkpoint boundary: local tensors <-> DTensors with their tensor-parallel placements ----------------
-
-def _as_global(t: torch.Tensor, dim: int | None, mesh: DeviceMesh | None):
-    """``t`` as a DTensor over the tp mesh dim (Shard(dim) or Replicate), or itself for one process."""
-    if mesh is None:
-        return t
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
-    tp_mesh = mesh["tp"]
-    if dim is None:
-        return DTensor.from_local(t, tp_mesh, [Replicate()], run_check=False)
-    shape = list(t.shape)
-    shape[dim] *= tp_mesh.size()
-    stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(t, tp_mesh, [Shard(dim)], run_check=False, shape=torch.Size(shape), stride=stride)
-
-
-def model_state(pm: ParallelModel) -> dict:
-    """Parameters and persistent buffers by name, as global (DTensor) views of this rank's tensors."""
-    return {k: _as_global(v.detach(), pm.placements.get(k), pm.mesh) for k, v in pm.named_tensors().items()}
-
-
-def checkpoint_state(pm: ParallelModel, optimizer=None) -> dict:
-    """``{"model": {name: tensor}, "optim": ...}`` with global (DTensor) views, the same layout on every
-    topology, so torch.distributed.checkpoint reshards between any two.
-
-    ``optimizer`` is a ``pretrain.optim.BlockOptimizer`` (or None for the model only). Its elementwise state
-    takes the parameter's placement; block state of a replicated parameter is replicated, and that of a
-    tensor-parallel shard is stacked over tp (global shape ``[tp, ...]``), so it loads at the same tp only.
-    """
-    state = {"model": model_state(pm)}
-    if optimizer is not None:
-        def to_global(name, t, elementwise):
-            dim = pm.placements.get(name)
-            if elementwise or dim is None:
-                return _as_global(t, dim, pm.mesh)
-            return _as_global(t.unsqueeze(0), 0, pm.mesh)
-
-        state["optim"] = optimizer.checkpoint_state(to_global)
-    return state
-
-
-def _local(t):
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def restore_state(loaded: dict, pm: ParallelModel, optimizer=None) -> None:
-    """Copy tensors filled by ``dcp.load`` back into parameters, buffers and optimizer state."""
-    with torch.no_grad():
-        for name, t in pm.named_tensors().items():
-            src = _local(loaded["model"][name])
-            if src.data_ptr() != t.data_ptr():
-                t.copy_(src)
-        if optimizer is not None:
-            optimizer.load_checkpoint_state(loaded["optim"], _local)

@@ -24,9 +24,20 @@ import torch.distributed as dist
 from model.config import ModelConfig
 from model.gpt import GPT
 from model.structured import StructureError
-from parallel.mesh import ParallelDims, TopologyError, build_mesh, init_distributed
-from parallel.runtime import ParallelModel, checkpoint_state, restore_state
-from pretrain.checkpoint import Checkpointer, CheckpointError, read_meta, resolve_step_dir
+from parallel.comm import CommStats
+from parallel.mesh import ParallelDims, TopologyError, init_distributed
+from parallel.runtime import ParallelModel
+from pretrain.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    GlobalView,
+    ModelState,
+    OptimizerState,
+    RNGState,
+    Stateful,
+    check_model_config,
+    load_verified,
+)
 from pretrain.config import Config, ConfigError, UserError, dump_config, load_config, to_dict
 from pretrain.data import Corpus
 from pretrain.metrics import Metrics, peak_tflops
@@ -54,6 +65,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class Progress:
+    """The loop's counters: optimizer steps taken and samples consumed (the data position: the sampler is a
+    pure function of it, and so is the LR schedule of the step)."""
+
+    def __init__(self):
+        self.step, self.consumed_samples = 0, 0
+
+    def state_dict(self) -> dict:
+        return {"step": torch.tensor(self.step), "consumed_samples": torch.tensor(self.consumed_samples)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.step = int(GlobalView.local(state_dict["step"]))
+        self.consumed_samples = int(GlobalView.local(state_dict["consumed_samples"]))
+
+
 class Trainer:
     """Owns the model, optimizer, data streams, checkpoints and metrics of one run on this rank."""
 
@@ -73,7 +99,7 @@ class Trainer:
         self.dims = ParallelDims(par.dp, par.tp, par.pp, par.virtual_stages)
         try:
             self.dims.check_model(cfg.model)
-            mesh = build_mesh(self.dims, self.device.type)
+            self.dims.build_mesh(self.device.type)
         except TopologyError as e:
             raise ConfigError(str(e)) from None
         t = cfg.train
@@ -82,14 +108,22 @@ class Trainer:
         self.full_params = model.num_params()
         self.flops = model.flops_per_token(cfg.data.seq_len)
         try:
-            self.model = ParallelModel(model, self.dims, mesh, self.device, t.micro_batch, self.local_batch,
+            self.model = ParallelModel(model, self.dims, self.device, t.micro_batch, self.local_batch,
                                        par.pp_schedule)
         except StructureError as e:
             raise ConfigError(f"model.structure does not fit parallel.tp={par.tp}: {e}") from None
         self.optimizer = build_optimizer(cfg.optim, self.model.named_parameters(),
                                          self.model.param_groups(cfg.optim.weight_decay), self.model.dp_group)
         self.ckpt = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep)
-        self.step, self.consumed = 0, 0
+        self.progress = Progress()
+        view = GlobalView(self.dims.submesh("tp"))
+        self.state: dict[str, Stateful] = {
+            "model": ModelState(self.model.named_tensors(), self.model.placements, view),
+            "optim": OptimizerState(self.optimizer, self.model.placements, view),
+            "progress": self.progress,
+            "rng": RNGState(),
+        }
+        """Everything a checkpoint holds, by part; a new kind of training state is one more entry."""
         self._resume()
         precision = t.precision
         if precision == "auto":
@@ -99,24 +133,42 @@ class Trainer:
         self._stop_signal = False
 
     # -- resume -----------------------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    @property
+    def consumed(self) -> int:
+        return self.progress.consumed_samples
+
+    def record_comm(self) -> CommStats:
+        """Count the bytes this rank sends over tp, dp and pp from now on (benchmarks; off by default)."""
+        stats = CommStats()
+        self.model.record_comm(stats)
+        self.optimizer.comm_stats = stats
+        return stats
+
     def _resume(self) -> None:
+        """``auto``: the newest intact checkpoint (damaged newer ones are reported and skipped); a path: that
+        checkpoint, verified (damage is an error naming the file)."""
         mode = self.cfg.checkpoint.resume
         if mode == "none":
-            latest = self.ckpt.latest()
-            if latest is not None:
-                raise CheckpointError(f"train.out_dir={self.out} already holds checkpoints (newest {latest.name}); "
+            existing = [p.name for p in self.ckpt.root.glob("step_*")] if self.ckpt.root.is_dir() else []
+            if existing:
+                raise CheckpointError(f"train.out_dir={self.out} already holds checkpoints (newest {max(existing)}); "
                                       "pass --resume auto to continue that run, or choose another train.out_dir")
             return
-        path = self.ckpt.latest() if mode == "auto" else resolve_step_dir(mode)
-        if path is None:
+        found = self.ckpt.latest_intact() if mode == "auto" else load_verified(mode)
+        if found is None:
             return
-        optimizer = self.optimizer if self.cfg.checkpoint.load_optimizer else None
-        if optimizer is not None:
-            self._check_optimizer_checkpoint(read_meta(path), path)
-        state = checkpoint_state(self.model, optimizer)
-        meta = self.ckpt.load(path, state, to_dict(self.cfg.model))
-        restore_state(state, self.model, optimizer)
-        self.step, self.consumed = int(meta["step"]), int(meta["consumed_samples"])
+        path, meta = found
+        check_model_config(meta, to_dict(self.cfg.model), path)
+        parts = dict(self.state)
+        if self.cfg.checkpoint.load_optimizer:
+            self._check_optimizer_checkpoint(meta, path)
+        else:
+            del parts["optim"]
+        self.ckpt.load(path, parts)
         if self.rank == 0:
             print(f"resumed from {path} at step {self.step} ({self.consumed:,} samples consumed; written at "
                   f"{meta.get('topology', {})})", file=sys.stderr)
@@ -137,14 +189,14 @@ class Trainer:
     # -- pieces of the loop ---------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over ``global_batch`` sequences; returns (global mean loss, grad norm)."""
-        start = self.consumed + self.model.dp_rank * self.local_batch
+        start = self.progress.consumed_samples + self.model.dp_rank * self.local_batch
         x, y = self.corpus.train.batch(start, self.local_batch)
         local = self.model.forward_backward(x, y, self.autocast)
         norm = self.model.reduce_and_clip(self.cfg.optim.grad_clip, self.optimizer.owners)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.consumed += self.cfg.train.global_batch
-        self.step += 1
+        self.progress.consumed_samples += self.cfg.train.global_batch
+        self.progress.step += 1
         return self.model.global_mean(local), norm
 
     def evaluate(self) -> float:
@@ -158,7 +210,7 @@ class Trainer:
         topology = {"dp": self.dims.dp, "tp": self.dims.tp, "pp": self.dims.pp}
         meta = {"consumed_samples": self.consumed, "config": to_dict(self.cfg), "topology": topology}
         files = {"config.yaml": dump_config(self.cfg), "tokenizer.model": self.corpus.tokenizer_model}
-        return self.ckpt.save(self.step, checkpoint_state(self.model, self.optimizer), meta, files)
+        return self.ckpt.save(self.step, self.state, meta, files)
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = True

@@ -69,14 +69,12 @@ def worker(args) -> None:
             "train.eval_batches=4", f"parallel.dp={args.dp}", f"parallel.tp={args.tp}", f"parallel.pp={args.pp}",
             *quiet_run(args.steps, Path(tmp) / name)]
         trainer = Trainer(load_config(None, overrides))
+        stats = trainer.record_comm()  # dp: gradient reduce + updated-block broadcast
         trainer.fit()
-        pm = trainer.model
-        tp_bytes = pm.tp_comm.bytes if pm.tp_comm else 0
         if dist.get_rank() == 0:  # bytes are the same every step; tokens/s is the median after 2 warm-up steps
             _, tok_s = run_records(Path(tmp) / name)
-            dp_bytes = pm.comm_bytes["dp"] + trainer.optimizer.comm_bytes  # gradient reduce + updated-block broadcast
-            rows[name] = {"tok_s": tok_s, "tp": tp_bytes / args.steps, "dp": dp_bytes / args.steps,
-                          "pp": pm.comm_bytes["pp"] / args.steps, "params": trainer.full_params}
+            rows[name] = {"tok_s": tok_s, **{d: stats.bytes[d] / args.steps for d in ("tp", "dp", "pp")},
+                          "params": trainer.full_params}
     if dist.get_rank() == 0:
         base = rows.get("dense")
         print(f"\n(dp, tp, pp) = ({args.dp}, {args.tp}, {args.pp}), d_model {args.d_model}, {args.layers} layers, "

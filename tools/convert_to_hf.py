@@ -20,22 +20,8 @@ from pathlib import Path
 import torch
 
 from model.gpt import GPT
-from parallel.mesh import ParallelDims
-from parallel.runtime import ParallelModel, model_state, restore_state
-from pretrain.checkpoint import Checkpointer, read_meta, resolve_step_dir
-from pretrain.config import Config, UserError, from_dict, to_dict
-
-
-def load_checkpoint_model(checkpoint: str | Path) -> tuple[GPT, Config, Path]:
-    """Our model (CPU, fp32, eval mode) restored from a step directory or checkpoints root."""
-    step_dir = resolve_step_dir(checkpoint)
-    cfg = from_dict(Config, read_meta(step_dir)["config"])
-    model = GPT(cfg.model)
-    single = ParallelModel(model, ParallelDims(), None, torch.device("cpu"), 1, 1)
-    state = {"model": model_state(single)}
-    Checkpointer(step_dir.parent).load(step_dir, state, to_dict(cfg.model), restore_rng=False)
-    restore_state(state, single, None)
-    return model.eval(), cfg, step_dir
+from pretrain.checkpoint import load_model
+from pretrain.config import UserError
 
 
 def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
@@ -74,7 +60,7 @@ def export_llama(checkpoint: str | Path, out: str | Path, overwrite: bool = Fals
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"--out {out} already exists; pass --overwrite to replace it")
-    model, cfg, step_dir = load_checkpoint_model(checkpoint)
+    model, cfg, step_dir = load_model(checkpoint)
     tokenizer_file = step_dir / "tokenizer.model"
     if not tokenizer_file.is_file():
         raise UserError(f"{step_dir}: no tokenizer.model in the checkpoint")

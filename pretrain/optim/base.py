@@ -19,7 +19,7 @@ state only loads at the same tp degree.
 """
 
 import abc
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from parallel.comm import ring_bytes
+from parallel.comm import CommStats, ring_bytes
 from parallel.data import flat_apply, owner_buckets
 
 
@@ -73,8 +73,9 @@ class BlockOptimizer(torch.optim.Optimizer, abc.ABC):
         self.owners = assign_owners(self.sizes, self.dp_size)
         """Owner dp rank of every block, by parameter name (the same on every rank)."""
         self.step_count = 0
-        self.comm_bytes = 0
-        """Bytes this rank sent broadcasting updated blocks (counted as an all-gather)."""
+        self.comm_stats: CommStats | None = None
+        """Counts the bytes this rank sends broadcasting updated blocks (``dp``, as an all-gather) when a
+        benchmark attaches one; None: not counted."""
         for group in self.param_groups:
             for p in group["params"]:
                 if self.owns(p):
@@ -124,30 +125,24 @@ class BlockOptimizer(torch.optim.Optimizer, abc.ABC):
         for owner, run in owner_buckets(params, self.owners, self.dp_size):
             src = dist.get_global_rank(self.dp_group, owner)
             nbytes = flat_apply(run, lambda flat, src=src: dist.broadcast(flat, src=src, group=self.dp_group))
-            self.comm_bytes += ring_bytes(nbytes, self.dp_size, "all_gather")
+            if self.comm_stats is not None:
+                self.comm_stats.add("dp", ring_bytes(nbytes, self.dp_size, "all_gather"))
 
     # -- checkpoints ------------------------------------------------------------------------------------
-    def checkpoint_state(self, to_global: Callable[[str, torch.Tensor, bool], object]) -> dict:
-        """``{name: {key: tensor}}`` of the blocks this rank owns, plus ``_step``; ``to_global(name, t,
-        elementwise)`` wraps each tensor for torch.distributed.checkpoint."""
-        out: dict[str, object] = {"_step": self.step_count}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if self.owns(p):
-                    name = self.names[id(p)]
-                    out[name] = {k: to_global(name, v, k in self.elementwise) for k, v in self.state[p].items()}
-        return out
+    def state_dict(self) -> dict:
+        """``{"step": tensor, "blocks": {name: {key: tensor}}}``: the blocks this rank owns, as local tensors
+        (the checkpoint gives them global views: ``elementwise`` keys take the parameter's placement)."""
+        blocks = {self.names[id(p)]: dict(self.state[p]) for g in self.param_groups for p in g["params"]
+                  if self.owns(p)}
+        return {"step": torch.tensor(self.step_count, dtype=torch.int64), "blocks": blocks}
 
-    def load_checkpoint_state(self, loaded: dict, local: Callable[[object], torch.Tensor]) -> None:
-        """Copy what ``dcp.load`` filled (``checkpoint_state``'s layout) into this rank's state."""
-        self.step_count = int(loaded["_step"])
+    def load_state_dict(self, state: dict) -> None:
+        """Copy a ``state_dict()``-shaped dict (local tensors of the owned blocks) into this rank's state."""
+        self.step_count = int(state["step"])
         params = {self.names[id(p)]: p for g in self.param_groups for p in g["params"]}
-        for name, state in loaded.items():
-            if name == "_step":
-                continue
+        for name, block in state["blocks"].items():
             dst = self.state[params[name]]
-            for k, v in state.items():
-                src = local(v)
+            for k, src in block.items():
                 if src.data_ptr() != dst[k].data_ptr():
                     dst[k].copy_(src.view_as(dst[k]))
 

@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from model.config import StructureSpec as S
 from model.structured import build_linear
-from parallel.comm import GroupComm
+from parallel.comm import CommStats, GroupComm
 from tests.distributed import run
 
 SPECS = {
@@ -37,18 +37,18 @@ def _check_all(rank, world):
 
             sh = full.shard(rank, world, style, comm)
             local = sh.layer
-            comm.log.clear()
+            comm.stats = CommStats()  # off by default; attached here to read what the forward sends
             if style == "column":
                 xl = x.detach().clone().requires_grad_()
                 yl = local(xl)
-                forward = list(comm.log)
+                forward = list(comm.stats.log)
                 torch.testing.assert_close(yl, y.chunk(world, -1)[rank], rtol=1e-12, atol=1e-12)
                 (yl * gy.chunk(world, -1)[rank]).sum().backward()
                 torch.testing.assert_close(xl.grad, x.grad, rtol=1e-12, atol=1e-12)
             else:
                 xl = x.detach().chunk(world, -1)[rank].clone().requires_grad_()
                 yl = local(xl)
-                forward = list(comm.log)
+                forward = list(comm.stats.log)
                 torch.testing.assert_close(yl, y, rtol=1e-12, atol=1e-12)
                 (yl * gy).sum().backward()
                 torch.testing.assert_close(xl.grad, x.grad.chunk(world, -1)[rank], rtol=1e-12, atol=1e-12)

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from pretrain.checkpoint import load_model
 from pretrain.train import main as train_main
-from tools.convert_to_hf import export_llama, load_checkpoint_model
+from tools.convert_to_hf import export_llama
 from tools.hf_generate import main as generate_main
 
 
@@ -30,7 +31,7 @@ def test_export_matches_our_logits_and_generates(trained, tmp_path, capsys):
 
     from transformers import AutoModelForCausalLM
 
-    ours, _, _ = load_checkpoint_model(trained / "checkpoints")
+    ours, _, _ = load_model(trained / "checkpoints")
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tokens = torch.randint(0, ours.cfg.vocab_size, (3, 40))
     with torch.no_grad():
