@@ -83,11 +83,11 @@ class ParallelDims:
                   ("model.vocab_size", cfg.vocab_size, "parallel.tp", tp),
                   ("model.d_ff", cfg.d_ff, "parallel.tp", tp),
                   ("model.n_layers", cfg.n_layers, "parallel.pp x parallel.virtual_stages", stages)]
-        for field, value, by, degree in checks:
+        for name, value, by, degree in checks:
             if value % degree:
-                hint = (f"; pad it with model.vocab_size={-(-value // degree) * degree}" if field == "model.vocab_size"
+                hint = (f"; pad it with model.vocab_size={-(-value // degree) * degree}" if name == "model.vocab_size"
                         else "")
-                raise TopologyError(f"{field}={value} does not divide by {by}={degree}{hint}")
+                raise TopologyError(f"{name}={value} does not divide by {by}={degree}{hint}")
         if self.pp > 1 and cfg.tie_embeddings:
             raise TopologyError("model.tie_embeddings=true needs the embedding and the head on one stage; "
                                 "it is not supported with parallel.pp > 1")

@@ -292,8 +292,12 @@ def verify(step_dir: Path) -> list[str]:
         manifest = read_manifest(step_dir)
         mine = sorted(manifest["files"])[rank::world]
         problems = check_files(step_dir, manifest, mine)
-        if rank == 0 and META not in manifest["files"]:
-            problems.append(f"{step_dir / META}: not listed in the manifest")
+        for name in (META, ".metadata"):
+            if name not in manifest["files"]:
+                problems.append(f"{step_dir / name}: not listed in the manifest")
+        if not problems:
+            read_meta(step_dir)
+            read_dcp_metadata(step_dir)
     except CheckpointError as e:
         problems = [str(e)]
     return sorted(set(p for part in _all_gather(problems) for p in part))

@@ -43,7 +43,9 @@ class Metrics:
         if not enabled:  # ranks other than 0 record nothing
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = (out_dir / "metrics.jsonl").open("a")
+        path = out_dir / "metrics.jsonl"
+        _drop_partial_line(path)
+        self._jsonl = path.open("a")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -83,6 +85,16 @@ class Metrics:
         if self._tb is not None:
             self._tb.close()
         self._jsonl.close()
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a last line that a killed run left unfinished, so the resumed run appends whole records."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def read_metrics(path: Path) -> dict[int, dict]:
