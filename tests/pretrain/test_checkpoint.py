@@ -255,7 +255,7 @@ def test_sigkill_at_random_moments_including_inside_saves_keeps_losses_exact(tin
                                 env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = launched + 120
         if kind == "save":
-            _wait(proc, lambda: _saving_since(ckpts, launched), deadline)
+            _wait(proc, lambda launched=launched: _saving_since(ckpts, launched), deadline)
             time.sleep(rng.uniform(0.0, 0.01))
         elif kind == "step":
             target = start_step + rng.randint(1, 4)
