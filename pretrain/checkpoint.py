@@ -330,7 +330,7 @@ def config_diff(saved, current, prefix: str) -> list[str]:
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
         for key in sorted(set(saved) | set(current)):
-            out += config_diff(saved.get(key), current.get(key), f"{prefix}.{key}")
+            out += config_diff(saved.get(key), current.get(key), f"{prefix}.{key}" if prefix else key)
         return out
     return [] if saved == current else [f"{prefix}: checkpoint has {saved!r}, config has {current!r}"]
 

@@ -12,6 +12,7 @@ from tests.parallel.common import (
     topology,
     torchrun,
 )
+from tools.inspect_checkpoint import inspect
 
 TOL = 1e-4
 TOPOLOGIES = {
@@ -80,7 +81,12 @@ def test_checkpoints_reshard_between_topologies(reference, tiny_store, tmp_path)
         nproc, overrides = cases[saver]
         _run(nproc, saved, [*base, *overrides, "train.exit_after_steps=10"])
         ckpt = saved / RESHARD / "checkpoints" / "step_000010"
-        assert ckpt.is_dir()
+        report = inspect(ckpt)  # every rank hashed a share of the files into one manifest
+        assert not report["verify"]["problems"] and report["step"] == 10
+        placements = {t["name"]: t["placement"] for t in report["tensors"]}
+        tp = int(saver[1])
+        assert placements["model.tok_embeddings.weight"] == ("replicated" if tp == 1 else f"Shard(0) x {tp}")
+        assert placements["model.layers.0.attn_norm.weight"] == "replicated"
         for resumer in resumers:
             out = tmp_path / f"{saver}-to-{resumer}"
             nproc, overrides = cases[resumer]
