@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from tools import bench_optim, bench_structures
+from tools import bench_checkpoint, bench_optim, bench_structures
 
 ROOT = Path(__file__).parents[2]
 
@@ -28,3 +28,11 @@ def test_bench_optim_prints_ratios_to_adamw(tiny_store, capsys, monkeypatch):
     assert bench_optim.main(args) == 0
     rows = _rows(capsys.readouterr().out)
     assert set(rows) == {"adamw", "galore"} and rows["adamw"][1] == "1.00"
+
+
+def test_bench_checkpoint_prints_manifest_cost(tmp_path, capsys):
+    assert bench_checkpoint.main(["--mb", "8", "--repeat", "1", "--dir", str(tmp_path)]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert set(rows) == {"save", "dcp write", "manifest", "dcp read", "verify"}
+    assert rows["dcp write"][2] == "1.00" and rows["dcp read"][3] == "1.00"
+    assert bench_checkpoint.main(["--mb", "1"]) == 2
