@@ -5,10 +5,33 @@ Only architecture lives here; parallel topology and training settings live in ``
 
 from dataclasses import dataclass, field, fields
 
-PROJECTIONS = ("q", "k", "v", "o", "up", "gate", "down")
-"""Every structured projection of a transformer block, by its name in the model."""
 
-PROJECTION_GROUPS = {"attn": ("q", "k", "v", "o"), "mlp": ("up", "gate", "down")}
+@dataclass(frozen=True)
+class Slot:
+    """The role of one structured projection of a transformer block."""
+
+    group: str
+    """``attn`` or ``mlp``: the block's sub-module that holds it, and the structure key that covers it."""
+    style: str
+    """Tensor-parallel split: ``column`` (outputs split; heads, MLP hidden) or ``row`` (inputs split)."""
+    residual: bool
+    """Writes into the residual stream: its init std is scaled by ``1/sqrt(2 n_layers)`` (GPT-2)."""
+
+
+SLOTS: dict[str, Slot] = {
+    "q": Slot("attn", "column", False),
+    "k": Slot("attn", "column", False),
+    "v": Slot("attn", "column", False),
+    "o": Slot("attn", "row", True),
+    "gate": Slot("mlp", "column", False),
+    "up": Slot("mlp", "column", False),
+    "down": Slot("mlp", "row", True),
+}
+"""Every structured projection of a block by its name in the model, in initialisation order. The model's init,
+tensor parallelism and the exporters read this table (Hugging Face's ``base_model_tp_plan`` as data)."""
+
+PROJECTIONS = tuple(SLOTS)
+PROJECTION_GROUPS = {g: tuple(n for n, s in SLOTS.items() if s.group == g) for g in ("attn", "mlp")}
 
 
 @dataclass
@@ -36,6 +59,10 @@ class StructureSpec:
     """blockdiag: interleave output channels across blocks (channel shuffle), so stacked layers mix blocks."""
     decay: float | None = None
     """nm: SR-STE decay applied to pruned weights in the backward pass."""
+
+    def flow(self) -> str:
+        """The spec as a one-line YAML mapping, e.g. ``{kind: lowrank, rank: 8}`` (for ``--set`` overrides)."""
+        return "{" + ", ".join(f"{k}: {v}" for k, v in {"kind": self.kind, **self.params()}.items()) + "}"
 
     def params(self) -> dict:
         """The hyper-parameters that are set, without ``kind``."""

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import ModelConfig
+from model.config import SLOTS, ModelConfig
 from model.structured import StructuredLinear, StructureError, build_linear
 
 
@@ -86,6 +86,12 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
+    def projections(self):
+        """``(slot name, parent module, layer)`` of every structured projection, in ``SLOTS`` order."""
+        for name, slot in SLOTS.items():
+            parent = getattr(self, slot.group)
+            yield name, parent, getattr(parent, name)
+
     def forward(self, x, cos, sin):
         x = x + self.attn(self.attn_norm(x), cos, sin)
         return x + self.mlp(self.mlp_norm(x))
@@ -114,7 +120,7 @@ class GPT(nn.Module):
     def init_weights(self, seed: int) -> None:
         """Initialise every weight from one seed, drawn on CPU over the full tensors in a fixed order.
 
-        Residual-output projections (o, down) are scaled by ``1/sqrt(2 n_layers)`` (GPT-2). Works after
+        Residual-output projections (``SLOTS``: o, down) are scaled by ``1/sqrt(2 n_layers)`` (GPT-2). Works after
         ``to_empty`` from the meta device; also rebuilds the RoPE tables.
         """
         cfg = self.cfg
@@ -129,10 +135,8 @@ class GPT(nn.Module):
             w.copy_(torch.randn(w.shape, generator=gen).mul_(cfg.init_std))
         resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         for block in self.layers.values():
-            for name in ("q", "k", "v", "o"):
-                getattr(block.attn, name).reset_parameters(resid_std if name == "o" else cfg.init_std, gen)
-            for name in ("gate", "up", "down"):
-                getattr(block.mlp, name).reset_parameters(resid_std if name == "down" else cfg.init_std, gen)
+            for name, _, layer in block.projections():
+                layer.reset_parameters(resid_std if SLOTS[name].residual else cfg.init_std, gen)
         for mod in self.modules():
             if isinstance(mod, nn.RMSNorm):
                 mod.weight.fill_(1.0)

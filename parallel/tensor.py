@@ -1,6 +1,7 @@
 """Tensor parallelism over the plain GPT: every projection is replaced by its structure's own shard.
 
-q/k/v and MLP up/gate are column-parallel, o and down row-parallel (heads split across ranks); the token
+Each projection splits as its slot says (``model.config.SLOTS``: q/k/v and MLP gate/up column-parallel, o and
+down row-parallel; heads split across ranks); the token
 embedding and the head are vocab-parallel and the loss is a vocab-parallel cross-entropy. Parameter
 names do not change, and every parameter's split dimension is recorded for checkpoints.
 """
@@ -9,11 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.config import SLOTS
 from model.gpt import GPT
 from parallel.comm import GroupComm
-
-COLUMN = ("q", "k", "v", "gate", "up")
-ROW = ("o", "down")
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -88,14 +87,13 @@ def apply_tp(model: GPT, comm: GroupComm) -> tuple[dict[str, int | None], set[st
     partial: set[str] = set()
     rank, size = comm.rank, comm.size
     for i, block in model.layers.items():
-        for parent, names in ((block.attn, ("q", "k", "v", "o")), (block.mlp, ("gate", "up", "down"))):
-            for name in names:
-                prefix = f"layers.{i}.{'attn' if parent is block.attn else 'mlp'}.{name}"
-                style = "column" if name in COLUMN else "row"
-                shard = getattr(parent, name).shard(rank, size, style, comm)
-                setattr(parent, name, shard.layer)
-                placements.update({f"{prefix}.{k}": v for k, v in shard.placements.items()})
-                partial.update(f"{prefix}.{k}" for k in shard.partial_grads)
+        for name, parent, layer in list(block.projections()):
+            slot = SLOTS[name]
+            prefix = f"layers.{i}.{slot.group}.{name}"
+            shard = layer.shard(rank, size, slot.style, comm)
+            setattr(parent, name, shard.layer)
+            placements.update({f"{prefix}.{k}": v for k, v in shard.placements.items()})
+            partial.update(f"{prefix}.{k}" for k in shard.partial_grads)
     vocab = model.cfg.vocab_size
     start = rank * (vocab // size)
     if model.tok_embeddings is not None:

@@ -21,16 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-SPECS = {
-    "dense": "{kind: dense}",
-    "lowrank": "{kind: lowrank, rank: 32}",
-    "blockdiag": "{kind: blockdiag, blocks: 4}",
-    "monarch": "{kind: monarch, blocks: 4, rank: 8}",
-    "blast": "{kind: blast, blocks: 4, rank: 32}",
-    "blocksparse": "{kind: blocksparse, block_size: 16, density: 0.25}",
-    "nm": "{kind: nm, n: 1, m: 4}",
-    "sparse_lowrank": "{kind: sparse_lowrank, rank: 16, density: 0.08}",
-}
+from model.structured import REGISTRY, example_spec
+
+SPECS = {kind: example_spec(kind).flow() for kind in REGISTRY}
 
 
 def parse_args(argv=None):

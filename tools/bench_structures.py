@@ -15,20 +15,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from model.structured import REGISTRY, example_spec
 from pretrain.config import UserError, load_config
 from pretrain.train import Trainer
 from tools.bench_common import quiet_run, ratio, run_records
 
-SPECS = {
-    "dense": "{kind: dense}",
-    "lowrank": "{kind: lowrank, rank: 24}",
-    "blockdiag": "{kind: blockdiag, blocks: 4, shuffle: true}",
-    "monarch": "{kind: monarch, blocks: 4, rank: 6}",
-    "blast": "{kind: blast, blocks: 4, rank: 24}",
-    "blocksparse": "{kind: blocksparse, block_size: 16, density: 0.25}",
-    "nm": "{kind: nm, n: 1, m: 4}",
-    "sparse_lowrank": "{kind: sparse_lowrank, rank: 16, density: 0.08}",
-}
+SPECS = {kind: example_spec(kind).flow() for kind in REGISTRY}
 
 
 def run_one(config: str, spec: str, steps: int, data: str | None, out_dir: Path, extra: list[str]) -> dict:

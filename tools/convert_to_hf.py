@@ -19,9 +19,13 @@ from pathlib import Path
 
 import torch
 
+from model.config import SLOTS
 from model.gpt import GPT
 from pretrain.checkpoint import load_model
 from pretrain.config import UserError
+
+HF_GROUPS = {"attn": "self_attn", "mlp": "mlp"}
+"""Hugging Face Llama's module of each slot group (``model.layers.N.self_attn.q_proj``, ``...mlp.up_proj``)."""
 
 
 def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
@@ -29,10 +33,8 @@ def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     sd = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight}
     for i, block in model.layers.items():
         pre = f"model.layers.{i}"
-        for name in ("q", "k", "v", "o"):
-            sd[f"{pre}.self_attn.{name}_proj.weight"] = getattr(block.attn, name).to_dense()
-        for name in ("gate", "up", "down"):
-            sd[f"{pre}.mlp.{name}_proj.weight"] = getattr(block.mlp, name).to_dense()
+        for name, _, layer in block.projections():
+            sd[f"{pre}.{HF_GROUPS[SLOTS[name].group]}.{name}_proj.weight"] = layer.to_dense()
         sd[f"{pre}.input_layernorm.weight"] = block.attn_norm.weight
         sd[f"{pre}.post_attention_layernorm.weight"] = block.mlp_norm.weight
     if not model.cfg.tie_embeddings:

@@ -45,10 +45,15 @@ def spec_params(spec: StructureSpec) -> dict:
     return given
 
 
+def example_spec(kind: str) -> StructureSpec:
+    """The example spec of structure ``kind`` (its class's ``example``): what tests and benchmarks build."""
+    return StructureSpec(kind, **structure_class(kind).example)
+
+
 def build_linear(spec: StructureSpec, in_features: int, out_features: int) -> StructuredLinear:
     """Construct (uninitialised) the structured layer ``spec`` for an ``in -> out`` projection."""
     return structure_class(spec.kind)(in_features, out_features, **spec_params(spec))
 
 
 __all__ = ["REGISTRY", "StructureError", "StructuredLinear", "StructuredLinearProtocol", "build_linear",
-           "spec_params", "structure_class"]
+           "example_spec", "spec_params", "structure_class"]

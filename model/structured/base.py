@@ -99,14 +99,17 @@ class StructuredLinearProtocol(Protocol):
 class StructuredLinear(nn.Module, abc.ABC):
     """Shared base: construction checks, init scaling and the projection error.
 
-    Subclasses set ``name``, ``required`` and ``optional`` (spec field -> default) and implement
-    ``reset_parameters``, ``forward``, ``to_dense``, ``_fit`` (used by ``from_dense``), ``num_params``
-    and ``flops``.
+    Subclasses set ``name``, ``required``, ``optional`` (spec field -> default) and ``example`` (a spec that
+    fits every layer the tests and benchmarks build: dimensions that are multiples of 16, split over up to 4
+    tensor-parallel ranks) and implement ``reset_parameters``, ``forward``, ``to_dense``, ``_fit`` (used by
+    ``from_dense``), ``num_params`` and ``shard``.
     """
 
     name: ClassVar[str]
     required: ClassVar[tuple[str, ...]] = ()
     optional: ClassVar[dict[str, object]] = {}
+    example: ClassVar[dict[str, object]] = {}
+    """Hyper-parameters of the example spec that tests and benchmarks use (``example_spec(kind)``)."""
 
     projection_error: float | None = None
 
@@ -143,6 +146,19 @@ class StructuredLinear(nn.Module, abc.ABC):
         local.in_features, local.out_features = in_features, out_features
         local._comm = dict(hooks)
         return local
+
+    def _dense_style_shard(self, tp_rank: int, tp_size: int, style: Style, comm: TensorParallelComm,
+                           names: tuple[str, ...] = ("weight",)) -> LayerShard:
+        """Megatron's dense split: each named ``[out, in]``-shaped tensor (or a grid over it) is split along dim 0
+        (``column``: output rows; the input gradient is all-reduced) or dim 1 (``row``: input columns; the
+        partial outputs are all-reduced). The caller checks that its units divide over ``tp_size``."""
+        dim = 0 if style == "column" else 1
+        tensors = {n: split(getattr(self, n), dim, tp_rank, tp_size) for n in names}
+        if style == "column":
+            local = self._local(self.in_features, self.out_features // tp_size, tensors, {"in": comm.copy})
+        else:
+            local = self._local(self.in_features // tp_size, self.out_features, tensors, {"out": comm.reduce})
+        return LayerShard(local, {n: dim for n in names})
 
     @classmethod
     def check_tp(cls, tp_size: int, **dims: int) -> None:
@@ -182,9 +198,10 @@ class StructuredLinear(nn.Module, abc.ABC):
     def num_params(self) -> int:
         """Effective trainable parameters (non-zeros for sparse kinds)."""
 
-    @abc.abstractmethod
     def flops(self, tokens: int) -> int:
-        """Forward FLOPs (2 per multiply-add) for ``tokens`` rows."""
+        """Forward FLOPs (2 per multiply-add) for ``tokens`` rows: every effective parameter is one multiply-add
+        per row for every structure here (a subclass whose product costs otherwise overrides this)."""
+        return 2 * tokens * self.num_params()
 
     # -- from_dense -------------------------------------------------------------------------------
     @classmethod

@@ -19,6 +19,7 @@ class BlastLinear(StructuredLinear):
 
     name = "blast"
     required = ("blocks", "rank")
+    example = {"blocks": 4, "rank": 8}
 
     fit_iters = 300
     fit_tol = 1e-9
@@ -151,6 +152,3 @@ class BlastLinear(StructuredLinear):
 
     def num_params(self):
         return self.u.numel() + self.s.numel() + self.v.numel()
-
-    def flops(self, tokens):
-        return 2 * tokens * self.num_params()

@@ -20,6 +20,7 @@ class BlockDiagLinear(StructuredLinear):
     name = "blockdiag"
     required = ("blocks",)
     optional = {"shuffle": False}
+    example = {"blocks": 4}
 
     def __init__(self, in_features: int, out_features: int, blocks: int, shuffle: bool = False):
         super().__init__(in_features, out_features)
@@ -68,6 +69,3 @@ class BlockDiagLinear(StructuredLinear):
 
     def num_params(self):
         return self.weight.numel()
-
-    def flops(self, tokens):
-        return 2 * tokens * self.weight.numel()

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.structured.base import LayerShard, StructuredLinear, normal_, split
+from model.structured.base import StructuredLinear, normal_
 
 
 class BlockSparseLinear(StructuredLinear):
@@ -20,6 +20,7 @@ class BlockSparseLinear(StructuredLinear):
     name = "blocksparse"
     required = ("block_size",)
     optional = {"density": 0.5}
+    example = {"block_size": 4, "density": 0.5}
 
     def __init__(self, in_features: int, out_features: int, block_size: int, density: float = 0.5):
         super().__init__(in_features, out_features)
@@ -55,12 +56,8 @@ class BlockSparseLinear(StructuredLinear):
     def shard(self, tp_rank, tp_size, style, comm):
         # Like dense, with the block mask split along the same dimension as the weight.
         dim = 0 if style == "column" else 1
-        grid = self.mask.shape[dim]
-        self.check_tp(tp_size, **{("block_rows" if dim == 0 else "block_columns"): grid})
-        w, mask = split(self.weight, dim, tp_rank, tp_size), split(self.mask, dim, tp_rank, tp_size)
-        hooks = {"in": comm.copy} if style == "column" else {"out": comm.reduce}
-        local = self._local(w.shape[1], w.shape[0], {"weight": w, "mask": mask}, hooks)
-        return LayerShard(local, {"weight": dim, "mask": dim})
+        self.check_tp(tp_size, **{("block_rows" if dim == 0 else "block_columns"): self.mask.shape[dim]})
+        return self._dense_style_shard(tp_rank, tp_size, style, comm, ("weight", "mask"))
 
     def to_dense(self):
         return self.weight * self.dense_mask()
@@ -74,6 +71,3 @@ class BlockSparseLinear(StructuredLinear):
 
     def num_params(self):
         return int(self.mask.sum()) * self.block_size**2
-
-    def flops(self, tokens):
-        return 2 * tokens * self.num_params()

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.structured.base import LayerShard, StructuredLinear, normal_, split
+from model.structured.base import StructuredLinear, normal_
 
 
 class DenseLinear(StructuredLinear):
@@ -23,15 +23,9 @@ class DenseLinear(StructuredLinear):
         return self._at("out", F.linear(self._at("in", x), self.weight))
 
     def shard(self, tp_rank, tp_size, style, comm):
-        if style == "column":  # W rows; the input gradient is all-reduced
-            self.check_tp(tp_size, out_features=self.out_features)
-            w = split(self.weight, 0, tp_rank, tp_size)
-            local = self._local(self.in_features, w.shape[0], {"weight": w}, {"in": comm.copy})
-            return LayerShard(local, {"weight": 0})
-        self.check_tp(tp_size, in_features=self.in_features)  # row: W columns; partial outputs all-reduced
-        w = split(self.weight, 1, tp_rank, tp_size)
-        return LayerShard(self._local(w.shape[1], self.out_features, {"weight": w}, {"out": comm.reduce}),
-                          {"weight": 1})
+        self.check_tp(tp_size, **({"out_features": self.out_features} if style == "column"
+                                  else {"in_features": self.in_features}))
+        return self._dense_style_shard(tp_rank, tp_size, style, comm)
 
     def to_dense(self):
         return self.weight
@@ -41,6 +35,3 @@ class DenseLinear(StructuredLinear):
 
     def num_params(self):
         return self.in_features * self.out_features
-
-    def flops(self, tokens):
-        return 2 * tokens * self.in_features * self.out_features

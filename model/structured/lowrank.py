@@ -14,6 +14,7 @@ class LowRankLinear(StructuredLinear):
 
     name = "lowrank"
     required = ("rank",)
+    example = {"rank": 8}
 
     def __init__(self, in_features: int, out_features: int, rank: int):
         super().__init__(in_features, out_features)
@@ -55,6 +56,3 @@ class LowRankLinear(StructuredLinear):
 
     def num_params(self):
         return self.rank * (self.in_features + self.out_features)
-
-    def flops(self, tokens):
-        return 2 * tokens * self.num_params()

@@ -20,6 +20,7 @@ class MonarchLinear(StructuredLinear):
     name = "monarch"
     required = ("blocks",)
     optional = {"rank": 1}
+    example = {"blocks": 4, "rank": 2}
 
     def __init__(self, in_features: int, out_features: int, blocks: int, rank: int = 1):
         super().__init__(in_features, out_features)
@@ -103,6 +104,3 @@ class MonarchLinear(StructuredLinear):
 
     def num_params(self):
         return self.r.numel() + self.l.numel()
-
-    def flops(self, tokens):
-        return 2 * tokens * self.num_params()

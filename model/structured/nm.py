@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from kernels.nm import nm_linear, nm_mask, nm_sparsify
-from model.structured.base import LayerShard, StructuredLinear, normal_, split
+from model.structured.base import StructuredLinear, normal_
 
 
 class NMSparseLinear(StructuredLinear):
@@ -16,6 +16,7 @@ class NMSparseLinear(StructuredLinear):
 
     name = "nm"
     optional = {"n": 2, "m": 4, "decay": 2e-4}
+    example = {"n": 2, "m": 4}
 
     def __init__(self, in_features: int, out_features: int, n: int = 2, m: int = 4, decay: float = 2e-4):
         super().__init__(in_features, out_features)
@@ -37,14 +38,9 @@ class NMSparseLinear(StructuredLinear):
 
     def shard(self, tp_rank, tp_size, style, comm):
         # Like dense; a row split keeps every group of m inputs on one rank.
-        if style == "column":
-            self.check_tp(tp_size, out_features=self.out_features)
-        else:
-            self.check_tp(tp_size, groups_of_m=self.in_features // self.m)
-        dim = 0 if style == "column" else 1
-        w = split(self.weight, dim, tp_rank, tp_size)
-        hooks = {"in": comm.copy} if style == "column" else {"out": comm.reduce}
-        return LayerShard(self._local(w.shape[1], w.shape[0], {"weight": w}, hooks), {"weight": dim})
+        self.check_tp(tp_size, **({"out_features": self.out_features} if style == "column"
+                                  else {"groups_of_m": self.in_features // self.m}))
+        return self._dense_style_shard(tp_rank, tp_size, style, comm)
 
     def to_dense(self):
         return nm_sparsify(self.weight, self.n, self.m, self.decay)
@@ -54,6 +50,3 @@ class NMSparseLinear(StructuredLinear):
 
     def num_params(self):
         return self.out_features * self.in_features * self.n // self.m
-
-    def flops(self, tokens):
-        return 2 * tokens * self.num_params()

@@ -22,6 +22,7 @@ class SparseLowRankLinear(StructuredLinear):
     name = "sparse_lowrank"
     required = ("rank",)
     optional = {"density": 0.03}
+    example = {"rank": 8, "density": 0.05}
 
     fit_iters = 300
 
@@ -109,6 +110,3 @@ class SparseLowRankLinear(StructuredLinear):
 
     def num_params(self):
         return self.rank * (self.in_features + self.out_features) + self.values.numel()
-
-    def flops(self, tokens):
-        return 2 * tokens * self.num_params()

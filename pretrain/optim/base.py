@@ -1,4 +1,4 @@
-"""Block-wise distributed optimizers: ZeRO-1 at the granularity of blocks (DESIGN.md section 5).
+"""Block-wise distributed optimizers: ZeRO-1 at the granularity of blocks.
 
 A *block* is one parameter tensor as this rank holds it: a whole tensor, or its tensor-parallel shard. Each
 block has exactly one owner in the data-parallel group, chosen by a greedy size balance that every rank

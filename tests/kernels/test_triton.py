@@ -12,8 +12,7 @@ from kernels.dispatch import KernelError, use_triton
 from kernels.lowrank import lowrank_expand, lowrank_project
 from kernels.monarch import monarch_left, monarch_right
 from kernels.nm import nm_linear, nm_mask
-from model.config import StructureSpec as S
-from model.structured import build_linear
+from model.structured import build_linear, example_spec
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="needs CUDA or TRITON_INTERPRET=1 (tests/conftest.py sets it on CPU)")
@@ -90,13 +89,8 @@ class LocalComm:
         return torch.cat([t] * self.size, -1)
 
 
-LAYERS = {
-    "lowrank": S("lowrank", rank=6),
-    "blockdiag": S("blockdiag", blocks=4),
-    "monarch": S("monarch", blocks=4, rank=2),
-    "blast": S("blast", blocks=4, rank=6),
-    "nm": S("nm", n=2, m=4),
-}
+LAYERS = {kind: example_spec(kind) for kind in ("lowrank", "blockdiag", "monarch", "blast", "nm")}
+"""The structures with Triton products."""
 
 
 @pytest.mark.parametrize("shard", ["full", "tp2-column", "tp2-row"])

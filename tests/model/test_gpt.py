@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model.config import ModelConfig
+from model.config import PROJECTIONS, ModelConfig
 from model.config import StructureSpec as S
 from model.gpt import GPT
 
@@ -37,8 +37,8 @@ def test_init_is_a_function_of_the_seed_only():
 
 def test_each_projection_gets_its_own_structure():
     m = built(cfg())
-    kinds = {n: type(getattr(m.layers["0"].attn if n in "qkvo" else m.layers["0"].mlp, n)).name
-             for n in ("q", "k", "v", "o", "up", "gate", "down")}
+    kinds = {n: type(layer).name for n, _, layer in m.layers["0"].projections()}
+    assert tuple(kinds) == PROJECTIONS
     assert kinds == {"q": "lowrank", "k": "lowrank", "v": "lowrank", "o": "monarch",
                      "up": "blast", "gate": "blast", "down": "blast"}
 

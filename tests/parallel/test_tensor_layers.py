@@ -4,21 +4,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from model.config import StructureSpec as S
-from model.structured import build_linear
+from model.structured import REGISTRY, build_linear, example_spec
 from parallel.comm import CommStats, GroupComm
 from tests.distributed import run
 
-SPECS = {
-    "dense": S("dense"),
-    "lowrank": S("lowrank", rank=6),
-    "blockdiag": S("blockdiag", blocks=4),
-    "monarch": S("monarch", blocks=4, rank=2),
-    "blast": S("blast", blocks=4, rank=6),
-    "blocksparse": S("blocksparse", block_size=4, density=0.5),
-    "nm": S("nm", n=2, m=4),
-    "sparse_lowrank": S("sparse_lowrank", rank=4, density=0.1),
-}
+SPECS = {kind: example_spec(kind) for kind in REGISTRY}
 IN, OUT = 32, 48
 
 
@@ -71,13 +61,16 @@ def _check_all(rank, world):
 def test_sharded_layers_match_unsharded(world):
     checked = run(_check_all, world)
     assert len(checked) == 2 * len(SPECS)
-    # Each structure communicates in its compressed space (DESIGN.md section 3); 6 tokens per forward.
+    # Each structure communicates in its compressed space (README: tensor parallelism); 6 tokens per forward.
     tokens = 6
     assert checked["dense-row"] == [("all_reduce", tokens * OUT)]
-    assert checked["lowrank-row"] == [("all_reduce", tokens * 6)]  # the rank-6 intermediate
-    assert checked["blast-row"] == [("all_reduce", tokens * 4 * 6)]  # the [blocks, rank] coupled intermediate
+    lowrank, blast, monarch = SPECS["lowrank"], SPECS["blast"], SPECS["monarch"]
+    assert checked["lowrank-row"] == [("all_reduce", tokens * lowrank.rank)]  # the rank-r intermediate
+    # the [blocks, rank] coupled intermediate
+    assert checked["blast-row"] == [("all_reduce", tokens * blast.blocks * blast.rank)]
     assert checked["blockdiag-column"] == []  # whole blocks: nothing inside the layer
-    hidden = 4 * 2 * 4  # monarch: blocks * rank * blocks hidden units, each rank exchanges its 1/world
+    # monarch: blocks * rank * blocks hidden units, each rank exchanges its 1/world
+    hidden = monarch.blocks * monarch.rank * monarch.blocks
     assert checked["monarch-row"] == [("all_to_all", tokens * hidden // world), ("all_gather", tokens * OUT)]
     # column: R replicated (nothing forward, hidden gradient all-reduced) where that is cheaper (tp=2 here),
     # else the all-to-all layout (tp=4: 2 (3/16) 32 + (3/4) 32 = 36 < 2 (3/4) 32 = 48 elements per token)

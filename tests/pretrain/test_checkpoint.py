@@ -233,7 +233,7 @@ def test_sigkill_at_random_moments_including_inside_saves_keeps_losses_exact(tin
     last launch finishes the run: every step's loss equals the uninterrupted run's exactly."""
     from tests.conftest import tiny_overrides
 
-    extra = {"train.steps": 80, "checkpoint.interval": 2, "checkpoint.keep": 3, "train.eval_interval": 10}
+    extra = {"train.steps": 120, "checkpoint.interval": 2, "checkpoint.keep": 3, "train.eval_interval": 10}
 
     def args(out):
         a = ["--config", str(ROOT / "configs" / "tiny-cpu.yaml")]
@@ -260,9 +260,9 @@ def test_sigkill_at_random_moments_including_inside_saves_keeps_losses_exact(tin
         elif kind == "step":
             target = start_step + rng.randint(1, 4)
             _wait(proc, lambda target=target: _logged_step(killed) >= target, deadline)
-            time.sleep(rng.uniform(0.0, 0.15))
-        else:
-            time.sleep(rng.uniform(0.3, 3.0))
+            time.sleep(rng.uniform(0.0, 0.05))
+        else:  # imports and set-up take more than a second on any machine, so no step has run yet
+            time.sleep(rng.uniform(0.2, 1.0))
         proc.send_signal(signal.SIGKILL)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode in (-signal.SIGKILL, 0), err.decode()[-3000:]
@@ -271,10 +271,10 @@ def test_sigkill_at_random_moments_including_inside_saves_keeps_losses_exact(tin
     inside = sum(1 for kind, _, left in kills if left)
     assert len(kills) >= 10, kills
     assert inside >= 3, kills  # kills inside a save of this launch (its half-written directory left behind)
-    assert _logged_step(killed) < 80, kills
+    assert _logged_step(killed) < 120, kills
     assert main(args(killed) + ["--resume", "auto"]) == 0
     a, b = losses(straight), losses(killed)
-    assert all(a[s] == b[s] for s in range(1, 81)), [(s, a[s], b.get(s)) for s in range(1, 81) if a[s] != b.get(s)]
+    assert all(a[s] == b[s] for s in range(1, 121)), [(s, a[s], b.get(s)) for s in range(1, 121) if a[s] != b.get(s)]
     assert losses(straight, "val/loss") == losses(killed, "val/loss")
     assert not any(ckpts.glob(".tmp-step_*"))  # the last save cleaned up what the kills left
     print("kills (kind, last logged step, half-written save left):", kills)

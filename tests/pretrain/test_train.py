@@ -9,19 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from model.structured import REGISTRY, example_spec
 from pretrain.metrics import read_metrics
 from pretrain.train import main
 
-STRUCTURES = {
-    "dense": "{kind: dense}",
-    "lowrank": "{kind: lowrank, rank: 16}",
-    "blockdiag": "{kind: blockdiag, blocks: 4, shuffle: true}",
-    "monarch": "{kind: monarch, blocks: 4, rank: 4}",
-    "blast": "{kind: blast, blocks: 4, rank: 16}",
-    "blocksparse": "{kind: blocksparse, block_size: 16, density: 0.5}",
-    "nm": "{kind: nm, n: 2, m: 4}",
-    "sparse_lowrank": "{kind: sparse_lowrank, rank: 8, density: 0.05}",
-}
+STRUCTURES = {kind: example_spec(kind).flow() for kind in REGISTRY}
 
 
 def losses(run: Path, key: str = "train/loss") -> dict[int, float]:
