@@ -187,13 +187,14 @@ class RNGState:
 _DCP_META = "torch.distributed.checkpoint.metadata"
 _SAFE_GLOBALS = {
     *((_DCP_META, n) for n in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "ChunkStorageMetadata",
-                               "TensorStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")),
+                               "TensorStorageMetadata", "_MEM_FORMAT_ENCODING")),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
     ("collections", "OrderedDict"),
 }
-"""Every global a DCP ``.metadata`` pickle refers to (besides dtypes); exact names, so no attribute chain
-(``module.os.system``) can be reached."""
+"""Every global a DCP ``.metadata`` pickle of ours refers to (besides dtypes); exact names, so no attribute chain
+(``module.os.system``) can be reached. ``BytesStorageMetadata`` is left out on purpose: our checkpoints hold
+only tensors, and DCP loads a bytes entry with ``torch.load(weights_only=False)``."""
 
 
 class _MetadataUnpickler(pickle.Unpickler):

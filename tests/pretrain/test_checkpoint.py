@@ -177,6 +177,20 @@ def test_metadata_pickle_cannot_run_code(runs, tmp_path):
     assert read_dcp_metadata(runs["stopped"] / "checkpoints" / "step_000015").state_dict_metadata
 
 
+def test_metadata_with_pickled_values_is_refused(runs, tmp_path):
+    """DCP unpickles a non-tensor entry with ``torch.load(weights_only=False)``: a metadata that declares one is
+    refused before any load (ours hold only tensors)."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    step = tmp_path / "step_000015"
+    shutil.copytree(runs["stopped"] / "checkpoints" / "step_000015", step)
+    metadata = read_dcp_metadata(step)
+    metadata.state_dict_metadata["progress.step"] = BytesStorageMetadata()
+    (step / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError, match="BytesStorageMetadata is not allowed"):
+        read_dcp_metadata(step)
+
+
 def test_per_rank_state_is_safetensors_and_never_pickled(runs):
     step = runs["stopped"] / "checkpoints" / "step_000015"
     files = sorted(p.relative_to(step).as_posix() for p in step.rglob("*") if p.is_file())

@@ -1,10 +1,6 @@
-"""End-to-end training on the standard-library corpus: learning, resume equality, checkpoint safety."""
+"""End-to-end training on the standard-library corpus: learning, resume equality, checkpoint safety (kills and
+damage: test_checkpoint.py)."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,11 +23,14 @@ def test_100_steps_drive_validation_loss_well_down(kind, tiny_args, tmp_path):
     args = tiny_args(run, **{"model.structure": f"{{default: {STRUCTURES[kind]}}}", "train.steps": 100,
                              "train.eval_interval": 50, "checkpoint.interval": 0, "optim.lr": 0.01})
     assert main(args) == 0
-    val = losses(run, "val/loss")
-    # ln(512) = 6.24 at init; a model that learns nothing stays near it.
+    val, train = losses(run, "val/loss"), losses(run)
+    # ln(512) = 6.24 at init; a model that learns nothing stays near it. Measured drops: 2.05 (dense) to 2.64.
     assert val[0] > 6.0
-    assert val[100] < val[0] - 2.0, val
-    assert val[100] < val[50] < val[0]
+    assert val[100] < val[0] - 1.5, val
+    # Still learning in the second half: train-loss means over ten steps (the same batches in every run; measured
+    # 0.18-0.38 apart), not two single validation points (measured as little as 0.004 apart).
+    early, late = (sum(train[s] for s in range(a, a + 10)) / 10 for a in (41, 91))
+    assert late < early - 0.05, (early, late)
 
 
 def test_clean_stop_and_resume_reproduce_uninterrupted_losses(tiny_args, tmp_path):
@@ -46,28 +45,6 @@ def test_clean_stop_and_resume_reproduce_uninterrupted_losses(tiny_args, tmp_pat
     assert sorted(a) == sorted(b) == list(range(1, 21))
     assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
     assert losses(straight, "val/loss") == losses(split, "val/loss")
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_with_identical_losses(tiny_args, tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    extra = {"train.steps": 40, "checkpoint.interval": 5, "checkpoint.keep": 0}
-    assert main(tiny_args(straight, **extra)) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pretrain.train", *tiny_args(killed, **extra)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = killed / "checkpoints" / "latest"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (marker.is_file() and marker.read_text().strip() >= "step_000015"):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert marker.is_file(), "the run never wrote a checkpoint"
-    killed_at = max(losses(killed))
-    assert killed_at < 40, "the run finished before it could be killed"
-    assert main(tiny_args(killed, **extra) + ["--resume", "auto"]) == 0
-    a, b = losses(straight), losses(killed)
-    assert all(a[s] == b[s] for s in range(1, 41))
 
 
 def test_existing_checkpoints_are_never_clobbered(tiny_args, tmp_path, capsys):
