@@ -2,8 +2,9 @@
 
 A weight ``[out, in]`` is cut into groups of ``m`` consecutive input columns per row; the ``n`` largest
 magnitudes of each group are kept. SR-STE (Zhou et al., 2021): the forward uses the masked weight, the
-backward passes the dense gradient straight through and adds ``decay * (1 - mask) * W`` so pruned weights
-are pulled towards zero.
+backward passes the dense gradient straight through, and ``decay * (1 - mask) * W`` is added to the weight's
+gradient once per optimizer step (``srste_decay_``), so pruned weights are pulled towards zero by the same
+amount whatever the gradient accumulation.
 """
 
 import torch
@@ -60,51 +61,35 @@ def nm_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
-class _SRSTE(torch.autograd.Function):
+class _STE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w, n, m, decay):
-        mask = nm_mask(w, n, m)
-        ctx.save_for_backward(w, mask)
-        ctx.decay = decay
-        return w * mask
+    def forward(ctx, w, n, m):
+        return w * nm_mask(w, n, m)
 
     @staticmethod
     def backward(ctx, grad):
-        w, mask = ctx.saved_tensors
-        g = grad
-        if ctx.decay:
-            g = g + ctx.decay * (~mask) * w
-        return g, None, None, None
+        return grad, None, None
 
 
-def nm_sparsify(w: torch.Tensor, n: int, m: int, decay: float = 0.0) -> torch.Tensor:
-    """Masked weight ``W * mask(W)`` with the SR-STE backward (plain STE when ``decay == 0``)."""
-    return _SRSTE.apply(w, n, m, decay)
+def nm_sparsify(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Masked weight ``W * mask(W)`` with the straight-through backward (the dense gradient)."""
+    return _STE.apply(w, n, m)
 
 
-class _Decay(torch.autograd.Function):
-    """Identity forward; backward adds SR-STE's ``decay * (1 - mask) * W`` to the weight gradient."""
-
-    @staticmethod
-    def forward(ctx, w, mask, decay):
-        ctx.save_for_backward(w, mask)
-        ctx.decay = decay
-        return w.view_as(w)
-
-    @staticmethod
-    def backward(ctx, grad):
-        w, mask = ctx.saved_tensors
-        return grad + ctx.decay * (~mask) * w, None, None
+def srste_decay_(w: torch.Tensor, grad: torch.Tensor, n: int, m: int, decay: float) -> torch.Tensor:
+    """Add SR-STE's ``decay * (1 - mask(W)) * W`` to ``grad`` in place: once per optimizer step, on the
+    accumulated gradient, so the result does not depend on micro-batching or topology."""
+    if decay:
+        grad.add_(w.detach() * ~nm_mask(w.detach(), n, m), alpha=decay)
+    return grad
 
 
-def nm_linear(x: torch.Tensor, w: torch.Tensor, n: int, m: int, decay: float = 0.0) -> torch.Tensor:
-    """``x @ (W * mask(W))^T`` with SR-STE gradients for ``W``.
+def nm_linear(x: torch.Tensor, w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """``x @ (W * mask(W))^T`` with the straight-through gradient for ``W`` (SR-STE's decay: ``srste_decay_``).
 
     The Triton path selects the mask in one kernel and applies it inside the matmul's weight loads (the
     masked weight is never materialised); the weight gradient is the dense straight-through one.
     """
     if use_triton(x, w):
-        mask = nm_mask_triton(w, n, m)
-        wd = _Decay.apply(w, mask, decay) if decay else w
-        return linear_triton(x, wd.contiguous(), mask)
-    return x @ nm_sparsify(w, n, m, decay).t()
+        return linear_triton(x, w.contiguous(), nm_mask_triton(w, n, m))
+    return x @ nm_sparsify(w, n, m).t()

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from model.gpt import GPT
+from model.structured import StructuredLinear
 from parallel.comm import CommStats, GroupComm
 from parallel.data import clip_global_norm, reduce_to_owners
 from parallel.mesh import ParallelDims
@@ -70,6 +71,10 @@ class ParallelModel:
         for module in self.stages.values():
             out.update(module.state_dict(keep_vars=True))
         return out
+
+    def structured_layers(self) -> dict[str, StructuredLinear]:
+        """This rank's structured projections (its shards) by qualified name."""
+        return {name: m for stage in self.stages.values() for name, m in stage.structured_layers().items()}
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         groups = [g for m in self.stages.values() for g in m.param_groups(weight_decay)]

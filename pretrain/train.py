@@ -192,6 +192,8 @@ class Trainer:
         start = self.progress.consumed_samples + self.model.dp_rank * self.local_batch
         x, y = self.corpus.train.batch(start, self.local_batch)
         local = self.model.forward_backward(x, y, self.autocast)
+        for layer in self.model.structured_layers().values():  # once per step, after the last micro-batch
+            layer.regularize_grad()
         norm = self.model.reduce_and_clip(self.cfg.optim.grad_clip, self.optimizer.owners)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

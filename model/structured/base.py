@@ -167,6 +167,12 @@ class StructuredLinear(nn.Module, abc.ABC):
             if d % tp_size:
                 raise StructureError(f"{cls.name}: {name}={d} does not split over parallel.tp={tp_size}")
 
+    def regularize_grad(self) -> None:
+        """Add this layer's gradient regulariser (SR-STE's decay for ``nm``) to its accumulated gradients.
+
+        Called once per optimizer step after the last backward, never per backward call, so training does not
+        depend on micro-batching or topology. The default adds nothing."""
+
     # -- construction helpers ---------------------------------------------------------------------
     @classmethod
     def check_divides(cls, field: str, value: int, **dims: int) -> None:

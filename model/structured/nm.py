@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from kernels.nm import nm_linear, nm_mask, nm_sparsify
+from kernels.nm import nm_linear, nm_mask, nm_sparsify, srste_decay_
 from model.structured.base import StructuredLinear, normal_
 
 
@@ -34,7 +34,11 @@ class NMSparseLinear(StructuredLinear):
             self.weight.mul_(std * self.weight.numel() ** 0.5 / kept.norm())
 
     def forward(self, x):
-        return self._at("out", nm_linear(self._at("in", x), self.weight, self.n, self.m, self.decay))
+        return self._at("out", nm_linear(self._at("in", x), self.weight, self.n, self.m))
+
+    def regularize_grad(self):
+        if self.weight.grad is not None:
+            srste_decay_(self.weight, self.weight.grad, self.n, self.m, self.decay)
 
     def shard(self, tp_rank, tp_size, style, comm):
         # Like dense; a row split keeps every group of m inputs on one rank.
@@ -43,7 +47,7 @@ class NMSparseLinear(StructuredLinear):
         return self._dense_style_shard(tp_rank, tp_size, style, comm)
 
     def to_dense(self):
-        return nm_sparsify(self.weight, self.n, self.m, self.decay)
+        return nm_sparsify(self.weight, self.n, self.m)
 
     def _fit(self, w):
         self._copy(self.weight, w)

@@ -34,7 +34,7 @@ PRODUCTS = {  # name: (function, input shapes (the first is the activation))
     "blast_project": (blast_project, [(*LEAD, 4 * 10), (4, 10, 6)]),
     "blast_couple": (blast_couple, [(*LEAD, 4, 6), (3, 4, 6)]),
     "blast_expand": (blast_expand, [(*LEAD, 3, 6), (3, 7, 6)]),
-    "nm_linear": (lambda x, w: nm_linear(x, w, 2, 4, decay=2e-4), [(*LEAD, 32), (20, 32)]),
+    "nm_linear": (lambda x, w: nm_linear(x, w, 2, 4), [(*LEAD, 32), (20, 32)]),
 }
 
 

@@ -113,7 +113,9 @@ def test_nm_mask_keeps_n_of_every_m():
 def test_nm_srste_decays_pruned_weights():
     layer = make(S("nm", n=2, m=4, decay=0.1), 8, 4)
     x = torch.zeros(1, 8, dtype=torch.double)
-    layer(x).sum().backward()  # zero data gradient: only the SR-STE term remains
+    layer(x).sum().backward()  # zero data gradient
+    assert (layer.weight.grad == 0).all()  # the backward is the plain straight-through one
+    layer.regularize_grad()  # once per optimizer step: only the SR-STE term
     dense = layer.to_dense().detach()
     pruned = dense == 0
     torch.testing.assert_close(layer.weight.grad[pruned], 0.1 * layer.weight.detach()[pruned])
