@@ -34,6 +34,11 @@ PROJECTIONS = tuple(SLOTS)
 PROJECTION_GROUPS = {g: tuple(n for n, s in SLOTS.items() if s.group == g) for g in ("attn", "mlp")}
 
 
+def key_covers(key: str, proj: str) -> bool:
+    """Whether a structure/sparsity key (``default``, a group or a projection name) covers projection ``proj``."""
+    return key in ("default", proj) or proj in PROJECTION_GROUPS.get(key, ())
+
+
 @dataclass
 class StructureSpec:
     """Which structured linear layer a projection uses, and its hyper-parameters.

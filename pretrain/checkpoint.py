@@ -513,5 +513,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         model = GPT(cfg.model)
     model.to_empty(device=device)
     model.init_weights(0)  # also rebuilds the non-persistent RoPE tables; every weight is then loaded
+    from pretrain.sparsity import enable_pruning
+
+    enable_pruning(model.structured_layers(), cfg.sparsity.rules)  # the masks the run trained under
     Checkpointer.load(step_dir, {"model": ModelState(model.state_dict(keep_vars=True), {}, GlobalView(None))})
     return model.eval(), cfg, step_dir

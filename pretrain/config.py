@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 import yaml
 
-from model.config import ModelConfig, StructureSpec
-from model.structured import StructureError, spec_params
+from model.config import PROJECTION_GROUPS, PROJECTIONS, ModelConfig, StructureSpec, key_covers
+from model.structured import REGISTRY, StructureError, spec_params, structure_class
 
 
 class UserError(Exception):
@@ -180,6 +180,39 @@ class LogConfig:
 
 
 @dataclass
+class SparsityRule:
+    """One sparse-pretraining rule: which projections, and how their sparsity evolves over training."""
+
+    select: str = "default"
+    """Projections it applies to: the keys of ``model.structure`` (``default``, ``attn``, ``mlp``, ``q`` ...
+    ``down``)."""
+    method: Literal["gmp"] = "gmp"
+    """``gmp``: gradual magnitude pruning (Zhu and Gupta, 2017) on the cubic schedule."""
+    target: float = 0.5
+    """Final density (kept fraction of the pruned units), in (0, 1]."""
+    start: float = 0.25
+    """Fraction of ``train.steps`` where pruning starts (density 1 until then)."""
+    end: float = 0.75
+    """Fraction of ``train.steps`` where the density reaches ``target`` (and stays)."""
+    interval: int = 10
+    """Steps between mask updates inside [start, end]."""
+    granularity: Literal["element", "block"] = "element"
+    """Prune single weights or square blocks of ``block_size`` (blocksparse: its own blocks)."""
+    block_size: int | None = None
+    """Side of the blocks for ``granularity: block`` (dense); blocksparse uses its own."""
+    scope: Literal["projection", "global"] = "projection"
+    """One magnitude threshold per projection, or one across every projection this rule selects."""
+
+
+@dataclass
+class SparsityConfig:
+    """Sparse pretraining: rules applied to the structured projections (empty: none)."""
+
+    rules: list[SparsityRule] = field(default_factory=list)
+    """Each projection may be selected by at most one rule."""
+
+
+@dataclass
 class Config:
     """The whole run."""
 
@@ -190,6 +223,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
 
     def validate(self) -> None:
         """Cross-field checks; raises ``ConfigError`` naming the fields."""
@@ -257,6 +291,41 @@ class Config:
                 spec_params(spec)
             except StructureError as e:
                 raise ConfigError(f"model.structure.{key}: {e}") from None
+        self._validate_sparsity()
+
+    def _validate_sparsity(self) -> None:
+        keys = {"default", *PROJECTION_GROUPS, *PROJECTIONS}
+        owner: dict[str, int] = {}
+        for i, rule in enumerate(self.sparsity.rules):
+            at = f"sparsity.rules[{i}]"
+            if rule.select not in keys:
+                raise ConfigError(f"{at}.select={rule.select!r}; allowed: {sorted(keys)}")
+            if not 0.0 < rule.target <= 1.0:
+                raise ConfigError(f"{at}.target={rule.target} must lie in (0, 1]")
+            if not 0.0 <= rule.start < rule.end <= 1.0:
+                raise ConfigError(f"{at}: start={rule.start} and end={rule.end} need 0 <= start < end <= 1 "
+                                  "(fractions of train.steps)")
+            if rule.interval <= 0:
+                raise ConfigError(f"{at}.interval={rule.interval} must be a positive integer")
+            if rule.granularity == "element" and rule.block_size is not None:
+                raise ConfigError(f"{at}.block_size applies to granularity block only")
+            if rule.block_size is not None and rule.block_size <= 0:
+                raise ConfigError(f"{at}.block_size={rule.block_size} must be a positive integer")
+            for proj in PROJECTIONS:
+                if key_covers(rule.select, proj):
+                    if proj in owner:
+                        raise ConfigError(f"{at}.select={rule.select!r} selects the {proj} projections, already "
+                                          f"selected by sparsity.rules[{owner[proj]}]")
+                    owner[proj] = i
+                    spec = self.model.spec_for(proj)
+                    cls = structure_class(spec.kind)
+                    if rule.granularity not in cls.prune_granularities:
+                        allowed = [k for k, c in REGISTRY.items() if rule.granularity in c.prune_granularities]
+                        raise ConfigError(f"{at}: method {rule.method} at granularity {rule.granularity} does not "
+                                          f"apply to the {spec.kind} {proj} projections; it prunes {allowed}")
+                    if rule.granularity == "block" and rule.block_size is None and spec.kind == "dense":
+                        raise ConfigError(f"{at}.block_size is required for granularity block on dense "
+                                          "projections")
 
 
 # -- generic dataclass <-> dict -----------------------------------------------------------------------
@@ -406,6 +475,6 @@ def dump_config(cfg: Config) -> str:
 
 
 __all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "LogConfig", "ModelConfig", "OptimConfig",
-           "ParallelConfig",
+           "ParallelConfig", "SparsityConfig", "SparsityRule",
            "StructureSpec", "TrainConfig", "UserError", "apply_override", "dump_config", "from_dict", "load_config",
            "to_dict"]

@@ -43,6 +43,7 @@ from pretrain.data import Corpus
 from pretrain.metrics import Metrics, peak_tflops
 from pretrain.optim import build_optimizer
 from pretrain.schedules import lr_at
+from pretrain.sparsity import SparsitySchedule, describe, enable_pruning
 
 
 def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> GPT:
@@ -105,6 +106,7 @@ class Trainer:
         t = cfg.train
         self.local_batch = t.global_batch // par.dp
         model = build_model(cfg.model, self.device, t.seed)
+        enable_pruning(model.structured_layers(), cfg.sparsity.rules)
         self.full_params = model.num_params()
         self.flops = model.flops_per_token(cfg.data.seq_len)
         try:
@@ -114,6 +116,11 @@ class Trainer:
             raise ConfigError(f"model.structure does not fit parallel.tp={par.tp}: {e}") from None
         self.optimizer = build_optimizer(cfg.optim, self.model.named_parameters(),
                                          self.model.param_groups(cfg.optim.weight_decay), self.model.dp_group)
+        self.sparsity = None
+        if cfg.sparsity.rules:
+            self.sparsity = SparsitySchedule(cfg.sparsity.rules, t.steps, self.model.structured_layers(),
+                                             self.model.tp_group, self.model.pp_group, self.full_params,
+                                             self.flops["forward"], t.global_batch * cfg.data.seq_len)
         self.ckpt = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep)
         self.progress = Progress()
         view = GlobalView(self.dims.submesh("tp"))
@@ -122,6 +129,7 @@ class Trainer:
             "optim": OptimizerState(self.optimizer, self.model.placements, view),
             "progress": self.progress,
             "rng": RNGState(),
+            **({"sparsity": self.sparsity} if self.sparsity is not None else {}),
         }
         """Everything a checkpoint holds, by part; a new kind of training state is one more entry."""
         self._resume()
@@ -189,6 +197,7 @@ class Trainer:
     # -- pieces of the loop ---------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over ``global_batch`` sequences; returns (global mean loss, grad norm)."""
+        self.sparse_update = self.sparsity.update(self.step) if self.sparsity is not None else {}
         start = self.progress.consumed_samples + self.model.dp_rank * self.local_batch
         x, y = self.corpus.train.batch(start, self.local_batch)
         local = self.model.forward_backward(x, y, self.autocast)
@@ -199,6 +208,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.consumed_samples += self.cfg.train.global_batch
         self.progress.step += 1
+        if self.sparsity is not None:
+            self.sparsity.account_step()
         return self.model.global_mean(local), norm
 
     def evaluate(self) -> float:
@@ -232,6 +243,8 @@ class Trainer:
         metrics.write(f"model: {params:,} parameters, {flops['forward']:,} forward FLOPs/token; "
                       f"data: {self.corpus.describe()}; {world} process(es) as dp={self.dims.dp} tp={self.dims.tp} "
                       f"pp={self.dims.pp} on {self.device}")
+        if self.sparsity is not None:
+            metrics.write(f"sparsity: {describe(cfg.sparsity.rules, t.steps)}")
         own = self.optimizer.ownership()
         metrics.write(f"optimizer: {cfg.optim.name}, {self.optimizer.state_bytes():,} state bytes on rank 0; "
                       f"blocks owned over dp={self.dims.dp} with imbalance {own['imbalance']:.3f} (max/mean)")
@@ -262,12 +275,15 @@ class Trainer:
                         "perf/tokens_per_s": tok_s, "perf/tflops": tflops}
                 if peak:
                     last["perf/mfu"] = tflops / (peak * world)
+                if self.sparsity is not None:
+                    last.update({**self.sparsity.metrics(), **self.sparse_update})
                 if self.device.type == "cuda":
                     last["perf/max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 if self.step % t.eval_interval == 0 or self.step == t.steps:
                     last["val/loss"] = self.evaluate()
                     metrics.write(f"step {self.step}: val loss {last['val/loss']:.4f}")
-                if self.step % cfg.log.interval == 0 or "val/loss" in last or self.step == t.steps:
+                if (self.step % cfg.log.interval == 0 or "val/loss" in last or self.step == t.steps
+                        or self.sparse_update):
                     metrics.log(self.step, last)
                 metrics.advance(self.step, {"loss": f"{loss:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"})
                 interval = cfg.checkpoint.interval

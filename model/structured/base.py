@@ -109,6 +109,8 @@ class StructuredLinear(nn.Module, abc.ABC):
     required: ClassVar[tuple[str, ...]] = ()
     optional: ClassVar[dict[str, object]] = {}
     example: ClassVar[dict[str, object]] = {}
+    prune_granularities: ClassVar[tuple[str, ...]] = ()
+    """Magnitude-pruning granularities the structure supports (``element``, ``block``); empty: not prunable."""
     """Hyper-parameters of the example spec that tests and benchmarks use (``example_spec(kind)``)."""
 
     projection_error: float | None = None
@@ -166,6 +168,11 @@ class StructuredLinear(nn.Module, abc.ABC):
         for name, d in dims.items():
             if d % tp_size:
                 raise StructureError(f"{cls.name}: {name}={d} does not split over parallel.tp={tp_size}")
+
+    def enable_pruning(self, granularity: str, block_size: int | None) -> None:
+        """Give the layer a magnitude-prunable mask (before tensor-parallel sharding); structures that support
+        it mix in ``BlockMasked``."""
+        raise StructureError(f"{self.name} cannot be magnitude-pruned; prunable: dense, blocksparse")
 
     def regularize_grad(self) -> None:
         """Add this layer's gradient regulariser (SR-STE's decay for ``nm``) to its accumulated gradients.
@@ -235,6 +242,40 @@ class StructuredLinear(nn.Module, abc.ABC):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, params={self.num_params()}"
+
+
+class BlockMasked:
+    """Mixin for a ``weight[out, in]`` applied under a mask of ``mask_block`` x ``mask_block`` blocks
+    (``mask[out/bs, in/bs]``, bool; ``mask_block`` 1 masks elements). What a magnitude-pruning schedule needs:
+    scores, kept counts and a way to set the mask; the schedule never asks which structure it prunes."""
+
+    weight: nn.Parameter
+    mask: torch.Tensor | None
+    mask_block: int
+
+    def dense_mask(self) -> torch.Tensor:
+        """The mask expanded to ``[out, in]``."""
+        bs = self.mask_block
+        return self.mask if bs == 1 else self.mask.repeat_interleave(bs, 0).repeat_interleave(bs, 1)
+
+    def masked_weight(self) -> torch.Tensor:
+        return self.weight if self.mask is None else self.weight * self.dense_mask()
+
+    def prune_scores(self) -> torch.Tensor:
+        """Squared magnitude of every unit of the masked weight this rank holds (pruned units score 0), summed
+        in float64 and rounded to float32, shaped like the mask."""
+        go, gi = self.mask.shape
+        bs = self.mask_block
+        w = self.masked_weight().detach().double()
+        return w.reshape(go, bs, gi, bs).pow(2).sum(dim=(1, 3)).float()
+
+    def set_prune_mask(self, keep: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.mask.copy_(keep)
+
+    def prune_units(self) -> tuple[int, int, int]:
+        """``(kept units, units, parameters per unit)`` of this rank's tensors."""
+        return int(self.mask.sum()), self.mask.numel(), self.mask_block**2
 
 
 def split(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:

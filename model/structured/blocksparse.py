@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.structured.base import StructuredLinear, normal_
+from model.structured.base import BlockMasked, StructuredLinear, StructureError, normal_
 
 
-class BlockSparseLinear(StructuredLinear):
+class BlockSparseLinear(BlockMasked, StructuredLinear):
     """``W * expand(mask)`` with ``mask[out/bs, in/bs]`` keeping ``round(density * blocks)`` blocks.
 
     The mask is a persistent buffer (saved with the model); sparsity schedules rewrite it. The initial
@@ -21,6 +21,7 @@ class BlockSparseLinear(StructuredLinear):
     required = ("block_size",)
     optional = {"density": 0.5}
     example = {"block_size": 4, "density": 0.5}
+    prune_granularities = ("block",)
 
     def __init__(self, in_features: int, out_features: int, block_size: int, density: float = 0.5):
         super().__init__(in_features, out_features)
@@ -30,6 +31,19 @@ class BlockSparseLinear(StructuredLinear):
         grid = (out_features // block_size, in_features // block_size)
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.register_buffer("mask", torch.ones(grid, dtype=torch.bool))
+
+    @property
+    def mask_block(self) -> int:
+        return self.block_size
+
+    def enable_pruning(self, granularity, block_size):
+        # a schedule prunes from density 1 over this layer's own blocks
+        if granularity != "block" or block_size not in (None, self.block_size):
+            raise StructureError(f"blocksparse is pruned by its own blocks: granularity block with block_size "
+                                 f"{self.block_size} (or unset), not {granularity} / {block_size}")
+        if self.density != 1.0:
+            raise StructureError(f"blocksparse.density={self.density}: a pruning schedule starts dense; set "
+                                 "density: 1.0 and the schedule's target instead")
 
     @property
     def kept_blocks(self) -> int:
@@ -45,13 +59,8 @@ class BlockSparseLinear(StructuredLinear):
         # Only kept entries contribute: scale by 1/sqrt(kept fraction) to keep the output variance.
         normal_(self.weight, std / math.sqrt(self.kept_blocks / self.mask.numel()), generator)
 
-    def dense_mask(self) -> torch.Tensor:
-        """The mask expanded to ``[out, in]``."""
-        bs = self.block_size
-        return self.mask.repeat_interleave(bs, 0).repeat_interleave(bs, 1)
-
     def forward(self, x):
-        return self._at("out", F.linear(self._at("in", x), self.to_dense()))
+        return self._at("out", F.linear(self._at("in", x), self.masked_weight()))
 
     def shard(self, tp_rank, tp_size, style, comm):
         # Like dense, with the block mask split along the same dimension as the weight.
@@ -60,7 +69,7 @@ class BlockSparseLinear(StructuredLinear):
         return self._dense_style_shard(tp_rank, tp_size, style, comm, ("weight", "mask"))
 
     def to_dense(self):
-        return self.weight * self.dense_mask()
+        return self.masked_weight()
 
     def _fit(self, w):
         bs = self.block_size

@@ -1,37 +1,58 @@
-"""Dense baseline ``y = x W^T``."""
+"""Dense baseline ``y = x W^T``, optionally under a magnitude-pruning mask (``sparsity.rules``, method gmp)."""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.structured.base import StructuredLinear, normal_
+from model.structured.base import BlockMasked, StructuredLinear, normal_
 
 
-class DenseLinear(StructuredLinear):
-    """Ordinary dense projection, ``W[out, in]``."""
+class DenseLinear(BlockMasked, StructuredLinear):
+    """Ordinary dense projection, ``W[out, in]``.
+
+    ``enable_pruning`` adds a persistent ``mask`` of elements or square blocks that a pruning schedule rewrites;
+    the forward then applies ``W * mask`` (pruned weights get no gradient) and ``num_params`` counts the kept
+    weights. Without it there is no mask at all.
+    """
 
     name = "dense"
+    prune_granularities = ("element", "block")
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features)
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.register_buffer("mask", None)
+        self.mask_block = 1
+
+    def enable_pruning(self, granularity, block_size):
+        bs = 1 if granularity == "element" else block_size
+        self.check_divides("block_size", bs, in_features=self.in_features, out_features=self.out_features)
+        self.mask_block = bs
+        grid = (self.out_features // bs, self.in_features // bs)
+        self.register_buffer("mask", torch.ones(grid, dtype=torch.bool, device=self.weight.device))
 
     def reset_parameters(self, std, generator=None):
         normal_(self.weight, std, generator)
 
     def forward(self, x):
-        return self._at("out", F.linear(self._at("in", x), self.weight))
+        return self._at("out", F.linear(self._at("in", x), self.masked_weight()))
 
     def shard(self, tp_rank, tp_size, style, comm):
-        self.check_tp(tp_size, **({"out_features": self.out_features} if style == "column"
-                                  else {"in_features": self.in_features}))
-        return self._dense_style_shard(tp_rank, tp_size, style, comm)
+        dim = 0 if style == "column" else 1
+        units = {"out_features": self.out_features} if dim == 0 else {"in_features": self.in_features}
+        if self.mask is not None:  # whole mask blocks on every rank
+            units = {("mask_block_rows" if dim == 0 else "mask_block_columns"): self.mask.shape[dim]}
+        self.check_tp(tp_size, **units)
+        names = ("weight",) if self.mask is None else ("weight", "mask")
+        return self._dense_style_shard(tp_rank, tp_size, style, comm, names)
 
     def to_dense(self):
-        return self.weight
+        return self.masked_weight()
 
     def _fit(self, w):
         self._copy(self.weight, w)
 
     def num_params(self):
-        return self.in_features * self.out_features
+        if self.mask is None:
+            return self.in_features * self.out_features
+        return int(self.mask.sum()) * self.mask_block**2

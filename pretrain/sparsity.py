@@ -1,0 +1,227 @@
+"""Sparse pretraining schedules and average-parameter accounting (``sparsity.rules`` in the config).
+
+Built: ``gmp``, gradual magnitude pruning (Zhu and Gupta, "To prune, or not to prune", 2017; the schedule
+*The Journey Matters*, arXiv 2501.12486, finds near-optimal between 25% and 75% of training). The density of
+the selected projections follows the cubic schedule
+
+    d(t) = target + (1 - target) * (1 - (t - t0) / (t1 - t0))^3   for t0 <= t <= t1,
+
+with ``t0 = round(start * steps)``, ``t1 = round(end * steps)``, 1 before ``t0`` and ``target`` after ``t1``;
+masks are recomputed at the start of steps ``t0, t0 + interval, ...`` and at ``t1``, keeping the
+``round(d * units)`` units (weights or square blocks) of largest magnitude of the masked weights, so a pruned
+unit stays pruned. Deviation from the paper's TensorFlow code: the threshold is exact (the k-th largest score),
+not a histogram estimate.
+
+Thresholds are agreed across ranks: the k-th largest score over a projection (its tensor-parallel shards) or
+over every selected projection (``scope: global``; shards and pipeline stages) is found by bisection on the
+float32 bit patterns of the scores, 31 rounds of one all-reduce of counts each. Given the same weights, every
+(dp, tp, pp) therefore keeps exactly the single-process masks.
+
+Accounting (logged and checkpointed): the density of the pruned units, the effective parameter count, the
+average parameter count over the steps so far, and the training FLOPs spent so far at the density of each
+step (3x the forward FLOPs; every pruned weight saves 2 forward FLOPs per token).
+
+The masks are persistent layer buffers (model state: they reshard like their weights); the accumulators are
+this object's ``state_dict``. Not built yet (issue 10): N:M schedules, self-guided training,
+dense-to-structured conversion and block-size search.
+"""
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+from model.config import key_covers
+from model.structured import StructuredLinear, StructureError
+from pretrain.config import ConfigError, SparsityRule
+
+BISECT_ROUNDS = 31
+FLOAT_INF_BITS = 0x7F800000
+
+
+def boundaries(rule: SparsityRule, steps: int) -> tuple[int, int]:
+    """First and last mask-update steps ``(t0, t1)``."""
+    t0 = round(rule.start * steps)
+    return t0, max(t0 + 1, round(rule.end * steps))
+
+
+def gmp_density(rule: SparsityRule, steps: int, step: int) -> float:
+    """The cubic schedule's density at ``step`` (1 before ``t0``, ``target`` from ``t1``)."""
+    t0, t1 = boundaries(rule, steps)
+    if step <= t0:
+        return 1.0
+    if step >= t1:
+        return rule.target
+    return rule.target + (1.0 - rule.target) * (1.0 - (step - t0) / (t1 - t0)) ** 3
+
+
+def is_update_step(rule: SparsityRule, steps: int, step: int) -> bool:
+    t0, t1 = boundaries(rule, steps)
+    return step == t1 or (t0 <= step < t1 and (step - t0) % rule.interval == 0)
+
+
+def slot_of(name: str) -> str:
+    """``layers.3.mlp.up`` -> ``up``."""
+    return name.rsplit(".", 1)[-1]
+
+
+def enable_pruning(layers: dict[str, StructuredLinear], rules: list[SparsityRule]) -> None:
+    """Give every projection a rule selects its mask (on the full model, before tensor parallelism)."""
+    for i, rule in enumerate(rules):
+        for name, layer in layers.items():
+            if key_covers(rule.select, slot_of(name)):
+                try:
+                    layer.enable_pruning(rule.granularity, rule.block_size)
+                except StructureError as e:
+                    raise ConfigError(f"sparsity.rules[{i}] ({name}): {e}") from None
+
+
+def _all_reduce(t: torch.Tensor, *groups: ProcessGroup | None) -> torch.Tensor:
+    for g in groups:
+        if g is not None:
+            dist.all_reduce(t, group=g)
+    return t
+
+
+def kth_largest_bits(scores: list[torch.Tensor], k: torch.Tensor, groups: tuple) -> torch.Tensor:
+    """For each entry ``i``: the largest float32 bit pattern ``b`` with ``count(bits(scores[i]) >= b) >= k[i]``
+    over all ranks of ``groups`` (scores are non-negative, whose bit patterns order like their values)."""
+    bits = [s.contiguous().view(torch.int32).flatten() for s in scores]
+    lo = torch.zeros(len(bits), dtype=torch.int64)
+    hi = torch.full((len(bits),), FLOAT_INF_BITS, dtype=torch.int64)
+    for _ in range(BISECT_ROUNDS):
+        mid = (lo + hi + 1) // 2
+        counts = torch.stack([(b >= m).sum() for b, m in zip(bits, mid.tolist())]) if bits else lo.clone()
+        _all_reduce(counts, *groups)
+        ok = counts >= k
+        lo = torch.where(ok, mid, lo)
+        hi = torch.where(ok, hi, mid - 1)
+    return lo
+
+
+class SparsitySchedule:
+    """Applies the rules to this rank's projections and keeps the accounting (a ``Stateful``)."""
+
+    def __init__(self, rules: list[SparsityRule], steps: int, layers: dict[str, StructuredLinear],
+                 tp_group: ProcessGroup | None, pp_group: ProcessGroup | None, params: int, forward_flops: int,
+                 tokens_per_step: int):
+        self.rules, self.steps = rules, steps
+        self.tp_group, self.pp_group = tp_group, pp_group
+        self.dense_params, self.forward_flops, self.tokens_per_step = params, forward_flops, tokens_per_step
+        self.selected = [{n: m for n, m in layers.items() if key_covers(r.select, slot_of(n))} for r in rules]
+        for i, (rule, sel) in enumerate(zip(rules, self.selected)):
+            sizes = {m.prune_units()[2] for m in sel.values()}
+            sizes = set().union(*[s for s in _gather_pp(sizes, pp_group)])
+            if rule.scope == "global" and len(sizes) > 1:
+                raise ConfigError(f"sparsity.rules[{i}].scope=global needs one unit size; the selected "
+                                  f"projections prune units of {sorted(sizes)} weights")
+        self.param_steps = 0.0
+        """Sum over completed steps of the effective parameter count (for the average)."""
+        self.flops_spent = 0.0
+        self.steps_done = 0
+        self.current = self._count()
+
+    # -- masks --------------------------------------------------------------------------------------
+    def update(self, step: int) -> dict[str, float]:
+        """Recompute the masks of every rule whose schedule updates at ``step`` (call before the step's
+        forward, on every rank); returns per-projection densities when something changed."""
+        changed = False
+        for rule, sel in zip(self.rules, self.selected):
+            if not is_update_step(rule, self.steps, step):
+                continue
+            density = gmp_density(rule, self.steps, step)
+            names = sorted(sel)
+            scores = [sel[n].prune_scores() for n in names]
+            units = torch.tensor([s.numel() for s in scores], dtype=torch.int64)
+            if rule.scope == "projection":
+                _all_reduce(units, self.tp_group)
+                k = torch.clamp((units.double() * density).round().long(), min=1)
+                thresholds = kth_largest_bits(scores, k, (self.tp_group,))
+            else:
+                total = _all_reduce(units.sum().reshape(1), self.tp_group, self.pp_group)
+                k = torch.clamp((total.double() * density).round().long(), min=1)
+                flat = torch.cat([s.flatten() for s in scores]) if scores else torch.zeros(0)
+                (t,) = kth_largest_bits([flat], k, (self.tp_group, self.pp_group)).tolist()
+                thresholds = torch.full((len(names),), t, dtype=torch.int64)
+            for n, s, t in zip(names, scores, thresholds.tolist()):
+                sel[n].set_prune_mask(s.contiguous().view(torch.int32) >= t)
+            changed = True
+        if not changed:
+            return {}
+        self.current = self._count()
+        return self._per_projection()
+
+    def _count(self) -> dict[str, float]:
+        """Kept and total prunable parameters over all rules (all ranks), and the effective parameter count."""
+        local = torch.zeros(2, dtype=torch.float64)
+        for sel in self.selected:
+            for m in sel.values():
+                kept, units, size = m.prune_units()
+                local += torch.tensor([kept * size, units * size], dtype=torch.float64)
+        _all_reduce(local, self.tp_group, self.pp_group)
+        kept, total = local.tolist()
+        return {"kept": kept, "total": total, "params": self.dense_params - (total - kept)}
+
+    def _per_projection(self) -> dict[str, float]:
+        mine = {}
+        for sel in self.selected:
+            for n, m in sel.items():
+                kept, units, _ = m.prune_units()
+                mine[n] = torch.tensor([kept, units], dtype=torch.float64)
+        names = sorted(mine)
+        stacked = torch.stack([mine[n] for n in names]) if names else torch.zeros(0, 2, dtype=torch.float64)
+        _all_reduce(stacked, self.tp_group)
+        local = {f"sparsity/density/{n}": float(c[0] / c[1]) for n, c in zip(names, stacked)}
+        merged = {}
+        for part in _gather_pp(local, self.pp_group):
+            merged.update(part)
+        return merged
+
+    # -- accounting ---------------------------------------------------------------------------------
+    def account_step(self) -> None:
+        """Count one completed optimizer step at the current density."""
+        pruned = self.current["total"] - self.current["kept"]
+        self.param_steps += self.current["params"]
+        self.flops_spent += 3.0 * (self.forward_flops - 2.0 * pruned) * self.tokens_per_step
+        self.steps_done += 1
+
+    def metrics(self) -> dict[str, float]:
+        c = self.current
+        out = {"sparsity/params": c["params"], "sparsity/flops_spent": self.flops_spent,
+               "sparsity/avg_params": self.param_steps / self.steps_done if self.steps_done else c["params"]}
+        if c["total"]:
+            out["sparsity/density"] = c["kept"] / c["total"]
+        return out
+
+    def state_dict(self) -> dict:
+        return {"param_steps": torch.tensor(self.param_steps, dtype=torch.float64),
+                "flops_spent": torch.tensor(self.flops_spent, dtype=torch.float64),
+                "steps_done": torch.tensor(self.steps_done, dtype=torch.int64)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        from pretrain.checkpoint import GlobalView
+
+        self.param_steps = float(GlobalView.local(state_dict["param_steps"]))
+        self.flops_spent = float(GlobalView.local(state_dict["flops_spent"]))
+        self.steps_done = int(GlobalView.local(state_dict["steps_done"]))
+        self.current = self._count()  # the masks were loaded with the model
+
+
+def _gather_pp(obj, pp_group: ProcessGroup | None) -> list:
+    if pp_group is None:
+        return [obj]
+    out = [None] * dist.get_world_size(pp_group)
+    dist.all_gather_object(out, obj, group=pp_group)
+    return out
+
+
+def describe(rules: list[SparsityRule], steps: int) -> str:
+    parts = []
+    for i, r in enumerate(rules):
+        t0, t1 = boundaries(r, steps)
+        parts.append(f"rules[{i}]: {r.method} {r.select} -> density {r.target} over steps {t0}-{t1} every "
+                     f"{r.interval} ({r.granularity}, {r.scope})")
+    return "; ".join(parts)
+
+
+__all__ = ["SparsitySchedule", "boundaries", "describe", "enable_pruning", "gmp_density", "is_update_step",
+           "kth_largest_bits"]
