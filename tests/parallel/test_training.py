@@ -1,6 +1,7 @@
 """(dp, tp, pp) training follows the single-process loss curve; checkpoints reshard across topologies."""
 
 import pytest
+import torch
 
 from pretrain.config import ConfigError, load_config
 from pretrain.train import Trainer
@@ -113,3 +114,34 @@ def test_bad_topologies_fail_before_any_work(overrides, message, tiny_store, tmp
     with pytest.raises(ConfigError, match=message):
         Trainer(load_config(None, [*tiny(tiny_store), f"train.out_dir={tmp_path}", *overrides]))
     assert not (tmp_path / "checkpoints").exists()
+
+
+GMP = "[{select: default, target: 0.3, start: 0.2, end: 0.7, interval: 2}]"
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_gmp_masks_and_losses_equal_across_topologies_and_a_resharded_resume(tiny_store, tmp_path):
+    """Dense projections pruned by gmp: (2,2,2), an interleaved pipeline and (1,4,1) resumed mid-schedule from
+    the (2,2,2) checkpoint follow the single process's losses, and every mask equals its masks exactly."""
+    from pretrain.checkpoint import load_model
+
+    base = [*tiny(tiny_store), f"sparsity.rules={GMP}"]
+    Trainer(load_config(None, [*base, f"model.structure={{default: {STRUCTURES['dense']}}}",
+                               f"train.out_dir={tmp_path / 'single' / 'dense'}"])).fit()
+    torchrun(8, tmp_path / "222", ["dense"], [*base, *topology(2, 2, 2)])
+    torchrun(4, tmp_path / "114", ["dense"], [*base, *topology(1, 1, 4, "interleaved_1f1b", virtual=2)])
+    ckpt = tmp_path / "222" / "dense" / "checkpoints" / "step_000010"
+    torchrun(4, tmp_path / "141", ["dense"], [*base, *topology(1, 4, 1)], resume=str(ckpt))
+    ref = losses(tmp_path / "single" / "dense")
+    ref_masks = {k: v for k, v in load_model(tmp_path / "single" / "dense" / "checkpoints")[0].state_dict().items()
+                 if k.endswith(".mask")}
+    assert len(ref_masks) == 7 * 8
+    for run, steps in (("222", range(1, 21)), ("114", range(1, 21)), ("141", range(11, 21))):
+        got = losses(tmp_path / run / "dense")
+        diff = max_rel_diff(ref, got, steps)
+        assert diff < TOL, f"{run}: {diff:.2e}"
+        dens_ref = losses(tmp_path / "single" / "dense", "sparsity/density")
+        assert all(losses(tmp_path / run / "dense", "sparsity/density")[s] == dens_ref[s] for s in steps), run
+        masks = load_model(tmp_path / run / "dense" / "checkpoints")[0].state_dict()
+        assert all(torch.equal(masks[k], v) for k, v in ref_masks.items()), run
