@@ -121,27 +121,32 @@ GMP = "[{select: default, target: 0.3, start: 0.2, end: 0.7, interval: 2}]"
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_gmp_masks_and_losses_equal_across_topologies_and_a_resharded_resume(tiny_store, tmp_path):
-    """Dense projections pruned by gmp: (2,2,2), an interleaved pipeline and (1,4,1) resumed mid-schedule from
-    the (2,2,2) checkpoint follow the single process's losses, and every mask equals its masks exactly."""
+def test_gmp_masks_agree_exactly_across_topologies(tiny_store, tmp_path):
+    """From the same weights (a single-process checkpoint at step 10, where gmp updates the masks), (2,2,2),
+    (1,4,1) and an interleaved pipeline compute exactly the single process's masks and step-11 loss.
+
+    Whole trajectories are not compared: the weights of two topologies differ by float rounding (~1e-7), and
+    a weight that close to the threshold lands on the other side of it in one of them (measured: 6.7e-4
+    relative loss difference at (2,2,2) after 20 steps with a mask update every 2 steps)."""
     from pretrain.checkpoint import load_model
 
-    base = [*tiny(tiny_store), f"sparsity.rules={GMP}"]
-    Trainer(load_config(None, [*base, f"model.structure={{default: {STRUCTURES['dense']}}}",
-                               f"train.out_dir={tmp_path / 'single' / 'dense'}"])).fit()
-    torchrun(8, tmp_path / "222", ["dense"], [*base, *topology(2, 2, 2)])
-    torchrun(4, tmp_path / "114", ["dense"], [*base, *topology(1, 1, 4, "interleaved_1f1b", virtual=2)])
-    ckpt = tmp_path / "222" / "dense" / "checkpoints" / "step_000010"
-    torchrun(4, tmp_path / "141", ["dense"], [*base, *topology(1, 4, 1)], resume=str(ckpt))
-    ref = losses(tmp_path / "single" / "dense")
-    ref_masks = {k: v for k, v in load_model(tmp_path / "single" / "dense" / "checkpoints")[0].state_dict().items()
-                 if k.endswith(".mask")}
-    assert len(ref_masks) == 7 * 8
-    for run, steps in (("222", range(1, 21)), ("114", range(1, 21)), ("141", range(11, 21))):
-        got = losses(tmp_path / run / "dense")
-        diff = max_rel_diff(ref, got, steps)
-        assert diff < TOL, f"{run}: {diff:.2e}"
-        dens_ref = losses(tmp_path / "single" / "dense", "sparsity/density")
-        assert all(losses(tmp_path / run / "dense", "sparsity/density")[s] == dens_ref[s] for s in steps), run
-        masks = load_model(tmp_path / run / "dense" / "checkpoints")[0].state_dict()
-        assert all(torch.equal(masks[k], v) for k, v in ref_masks.items()), run
+    base = [*tiny(tiny_store), f"sparsity.rules={GMP}", f"model.structure={{default: {STRUCTURES['dense']}}}"]
+    single = tmp_path / "single" / "dense"
+    Trainer(load_config(None, [*base, f"train.out_dir={single}"])).fit()
+    ckpt = single / "checkpoints" / "step_000010"
+    resumed = {"222": (8, topology(2, 2, 2)), "141": (4, topology(1, 4, 1)),
+               "114": (4, topology(1, 1, 4, "interleaved_1f1b", virtual=2))}
+    for run, (nproc, topo) in resumed.items():
+        torchrun(nproc, tmp_path / run, ["dense"], [*base, *topo, "train.exit_after_steps=1"], resume=str(ckpt))
+    # the single process's masks of step 10's update: the same one-step resume, in this process
+    Trainer(load_config(None, [*base, f"train.out_dir={tmp_path / 'single11' / 'dense'}", f"checkpoint.resume={ckpt}",
+                               "train.exit_after_steps=1"])).fit()
+    ref = load_model(tmp_path / "single11" / "dense" / "checkpoints")[0].state_dict()
+    masks = [k for k in ref if k.endswith(".mask")]
+    kept = float(sum(ref[k].sum() for k in masks)) / sum(ref[k].numel() for k in masks)
+    assert len(masks) == 7 * 8 and 0.3 < kept < 1, kept  # step 10 of the 4-14 schedule: partly pruned
+    ref_loss = losses(single)[11]
+    for run in resumed:
+        got = load_model(tmp_path / run / "dense" / "checkpoints")[0].state_dict()
+        assert all(torch.equal(got[k], ref[k]) for k in masks), run
+        assert abs(losses(tmp_path / run / "dense")[11] - ref_loss) / ref_loss < TOL, run
