@@ -2,7 +2,9 @@
 
 from pathlib import Path
 
-from tools import bench_checkpoint, bench_optim, bench_structures
+import pytest
+
+from tools import bench_checkpoint, bench_optim, bench_sparsity, bench_structures
 
 ROOT = Path(__file__).parents[2]
 
@@ -36,3 +38,21 @@ def test_bench_checkpoint_prints_manifest_cost(tmp_path, capsys):
     assert set(rows) == {"save", "dcp write", "manifest", "dcp read", "verify"}
     assert rows["dcp write"][2] == "1.00" and rows["dcp read"][3] == "1.00"
     assert bench_checkpoint.main(["--mb", "1"]) == 2
+
+
+@pytest.mark.slow
+def test_bench_sparsity_prints_the_schedule_table_and_a_verdict(tiny_store, tmp_path, capsys, monkeypatch):
+    from tests.conftest import tiny_overrides
+
+    monkeypatch.chdir(ROOT)
+    over = [o for o in tiny_overrides(tiny_store, tmp_path) if not o.startswith(("train.out_dir", "train.steps",
+                                                                                  "train.eval_interval"))]
+    args = ["--steps", "20", "--target", "0.5", "--interval", "2", *sum((["--set", o] for o in over), [])]
+    assert bench_sparsity.main(args) == 0
+    out = capsys.readouterr().out
+    rows = _rows(out)
+    assert set(rows) == {"dense", "static", "gmp-early", "gmp-25-75", "gmp-late"}
+    assert rows["dense"][0] == "1.000" and all(abs(float(rows[n][0]) - 0.5) < 0.01 for n in rows if n != "dense")
+    assert float(rows["static"][3]) < float(rows["gmp-late"][3]) < 1.0  # average parameters: late prunes last
+    assert "claim: gmp over 25-75% of training" in out
+    assert bench_sparsity.main(["--target", "0"]) == 2
