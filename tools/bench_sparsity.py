@@ -37,9 +37,8 @@ def rules(name: str, target: float, steps: int, interval: int) -> str:
 
 
 def run_one(config: str, name: str, args, out_dir: Path) -> dict:
-    over = [*quiet_run(args.steps, out_dir), *args.extra]
-    if name != "dense":
-        over.append(f"sparsity.rules={rules(name, args.target, args.steps, args.interval)}")
+    schedule = "[]" if name == "dense" else rules(name, args.target, args.steps, args.interval)
+    over = [*quiet_run(args.steps, out_dir), *args.extra, f"sparsity.rules={schedule}"]
     trainer = Trainer(load_config(config, over))
     result = trainer.fit()
     rec, _ = run_records(out_dir)

@@ -54,5 +54,6 @@ def test_bench_sparsity_prints_the_schedule_table_and_a_verdict(tiny_store, tmp_
     assert set(rows) == {"dense", "static", "gmp-early", "gmp-25-75", "gmp-late"}
     assert rows["dense"][0] == "1.000" and all(abs(float(rows[n][0]) - 0.5) < 0.01 for n in rows if n != "dense")
     assert float(rows["static"][3]) < float(rows["gmp-late"][3]) < 1.0  # average parameters: late prunes last
+    assert rows["dense"][3] == "1.00" and rows["dense"][5] == "1.00"
     assert "claim: gmp over 25-75% of training" in out
     assert bench_sparsity.main(["--target", "0"]) == 2
