@@ -32,6 +32,8 @@ tensor parallelism and the exporters read this table (Hugging Face's ``base_mode
 
 PROJECTIONS = tuple(SLOTS)
 PROJECTION_GROUPS = {g: tuple(n for n, s in SLOTS.items() if s.group == g) for g in ("attn", "mlp")}
+STRUCTURE_KEYS = ("default", *PROJECTION_GROUPS, *PROJECTIONS)
+"""The keys that select projections (``model.structure``, ``sparsity.rules[].select``), least specific first."""
 
 
 def key_covers(key: str, proj: str) -> bool:
@@ -130,10 +132,9 @@ class ModelConfig:
 
         ``require_vocab=False`` accepts ``vocab_size=None`` (filled in later from the token store).
         """
-        allowed = {"default", *PROJECTION_GROUPS, *PROJECTIONS}
         for key in self.structure:
-            if key not in allowed:
-                raise ValueError(f"model.structure.{key}: unknown projection key; allowed: {sorted(allowed)}")
+            if key not in STRUCTURE_KEYS:
+                raise ValueError(f"model.structure.{key}: unknown projection key; allowed: {sorted(STRUCTURE_KEYS)}")
         if self.vocab_size is None and require_vocab:
             raise ValueError("model.vocab_size is not set (the trainer fills it from the token store)")
         if self.vocab_size is not None and self.vocab_size <= 0:

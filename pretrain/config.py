@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
-from model.config import PROJECTION_GROUPS, PROJECTIONS, ModelConfig, StructureSpec, key_covers
+from model.config import PROJECTIONS, STRUCTURE_KEYS, ModelConfig, StructureSpec, key_covers
 from model.structured import REGISTRY, StructureError, spec_params, structure_class
 
 
@@ -294,12 +294,11 @@ class Config:
         self._validate_sparsity()
 
     def _validate_sparsity(self) -> None:
-        keys = {"default", *PROJECTION_GROUPS, *PROJECTIONS}
         owner: dict[str, int] = {}
         for i, rule in enumerate(self.sparsity.rules):
             at = f"sparsity.rules[{i}]"
-            if rule.select not in keys:
-                raise ConfigError(f"{at}.select={rule.select!r}; allowed: {sorted(keys)}")
+            if rule.select not in STRUCTURE_KEYS:
+                raise ConfigError(f"{at}.select={rule.select!r}; allowed: {sorted(STRUCTURE_KEYS)}")
             if not 0.0 < rule.target <= 1.0:
                 raise ConfigError(f"{at}.target={rule.target} must lie in (0, 1]")
             if not 0.0 <= rule.start < rule.end <= 1.0:

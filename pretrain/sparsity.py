@@ -64,15 +64,19 @@ def slot_of(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
+def selected(layers: dict[str, StructuredLinear], rule: SparsityRule) -> dict[str, StructuredLinear]:
+    """The projections (by qualified name) that ``rule.select`` covers."""
+    return {n: m for n, m in layers.items() if key_covers(rule.select, slot_of(n))}
+
+
 def enable_pruning(layers: dict[str, StructuredLinear], rules: list[SparsityRule]) -> None:
     """Give every projection a rule selects its mask (on the full model, before tensor parallelism)."""
     for i, rule in enumerate(rules):
-        for name, layer in layers.items():
-            if key_covers(rule.select, slot_of(name)):
-                try:
-                    layer.enable_pruning(rule.granularity, rule.block_size)
-                except StructureError as e:
-                    raise ConfigError(f"sparsity.rules[{i}] ({name}): {e}") from None
+        for name, layer in selected(layers, rule).items():
+            try:
+                layer.enable_pruning(rule.granularity, rule.block_size)
+            except StructureError as e:
+                raise ConfigError(f"sparsity.rules[{i}] ({name}): {e}") from None
 
 
 def _all_reduce(t: torch.Tensor, *groups: ProcessGroup | None) -> torch.Tensor:
@@ -107,7 +111,7 @@ class SparsitySchedule:
         self.rules, self.steps = rules, steps
         self.tp_group, self.pp_group = tp_group, pp_group
         self.dense_params, self.forward_flops, self.tokens_per_step = params, forward_flops, tokens_per_step
-        self.selected = [{n: m for n, m in layers.items() if key_covers(r.select, slot_of(n))} for r in rules]
+        self.selected = [selected(layers, r) for r in rules]
         for i, (rule, sel) in enumerate(zip(rules, self.selected)):
             sizes = {m.prune_units()[2] for m in sel.values()}
             sizes = set().union(*[s for s in _gather_pp(sizes, pp_group)])
@@ -198,11 +202,9 @@ class SparsitySchedule:
                 "steps_done": torch.tensor(self.steps_done, dtype=torch.int64)}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        from pretrain.checkpoint import GlobalView
-
-        self.param_steps = float(GlobalView.local(state_dict["param_steps"]))
-        self.flops_spent = float(GlobalView.local(state_dict["flops_spent"]))
-        self.steps_done = int(GlobalView.local(state_dict["steps_done"]))
+        self.param_steps = float(state_dict["param_steps"])
+        self.flops_spent = float(state_dict["flops_spent"])
+        self.steps_done = int(state_dict["steps_done"])
         self.current = self._count()  # the masks were loaded with the model
 
 

@@ -37,6 +37,7 @@ from pretrain.checkpoint import (
     Stateful,
     check_model_config,
     load_verified,
+    step_dirs,
 )
 from pretrain.config import Config, ConfigError, UserError, dump_config, load_config, to_dict
 from pretrain.data import Corpus
@@ -77,8 +78,8 @@ class Progress:
         return {"step": torch.tensor(self.step), "consumed_samples": torch.tensor(self.consumed_samples)}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.step = int(GlobalView.local(state_dict["step"]))
-        self.consumed_samples = int(GlobalView.local(state_dict["consumed_samples"]))
+        self.step = int(state_dict["step"])
+        self.consumed_samples = int(state_dict["consumed_samples"])
 
 
 class Trainer:
@@ -161,10 +162,11 @@ class Trainer:
         checkpoint, verified (damage is an error naming the file)."""
         mode = self.cfg.checkpoint.resume
         if mode == "none":
-            existing = [p.name for p in self.ckpt.root.glob("step_*")] if self.ckpt.root.is_dir() else []
+            existing = step_dirs(self.ckpt.root)
             if existing:
-                raise CheckpointError(f"train.out_dir={self.out} already holds checkpoints (newest {max(existing)}); "
-                                      "pass --resume auto to continue that run, or choose another train.out_dir")
+                raise CheckpointError(f"train.out_dir={self.out} already holds checkpoints (newest "
+                                      f"{existing[-1].name}); pass --resume auto to continue that run, or choose "
+                                      "another train.out_dir")
             return
         found = self.ckpt.latest_intact() if mode == "auto" else load_verified(mode)
         if found is None:

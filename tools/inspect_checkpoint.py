@@ -13,6 +13,7 @@ Exit codes: 0 intact, 1 verification found damage (each file named), 2 bad input
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -46,9 +47,7 @@ def tensors(step_dir: Path, prefix: str = "") -> list[dict]:
         if not fqn.startswith(prefix) or not isinstance(md, TensorStorageMetadata):
             continue
         dtype = md.properties.dtype
-        numel = 1
-        for d in md.size:
-            numel *= d
+        numel = math.prod(md.size)
         out.append({"name": fqn, "shape": list(md.size), "dtype": str(dtype).removeprefix("torch."),
                     "placement": placement(md.chunks, md.size), "bytes": numel * dtype.itemsize})
     return out

@@ -109,9 +109,9 @@ class StructuredLinear(nn.Module, abc.ABC):
     required: ClassVar[tuple[str, ...]] = ()
     optional: ClassVar[dict[str, object]] = {}
     example: ClassVar[dict[str, object]] = {}
+    """Hyper-parameters of the example spec that tests and benchmarks use (``example_spec(kind)``)."""
     prune_granularities: ClassVar[tuple[str, ...]] = ()
     """Magnitude-pruning granularities the structure supports (``element``, ``block``); empty: not prunable."""
-    """Hyper-parameters of the example spec that tests and benchmarks use (``example_spec(kind)``)."""
 
     projection_error: float | None = None
 
@@ -264,10 +264,7 @@ class BlockMasked:
     def prune_scores(self) -> torch.Tensor:
         """Squared magnitude of every unit of the masked weight this rank holds (pruned units score 0), summed
         in float64 and rounded to float32, shaped like the mask."""
-        go, gi = self.mask.shape
-        bs = self.mask_block
-        w = self.masked_weight().detach().double()
-        return w.reshape(go, bs, gi, bs).pow(2).sum(dim=(1, 3)).float()
+        return block_energy(self.masked_weight().detach().double(), self.mask_block).float()
 
     def set_prune_mask(self, keep: torch.Tensor) -> None:
         with torch.no_grad():
@@ -276,6 +273,16 @@ class BlockMasked:
     def prune_units(self) -> tuple[int, int, int]:
         """``(kept units, units, parameters per unit)`` of this rank's tensors."""
         return int(self.mask.sum()), self.mask.numel(), self.mask_block**2
+
+    def kept_params(self) -> int:
+        """Weights the mask keeps."""
+        return int(self.mask.sum()) * self.mask_block**2
+
+
+def block_energy(w: torch.Tensor, bs: int) -> torch.Tensor:
+    """Squared Frobenius norm of every ``bs`` x ``bs`` block of ``w[out, in]``: ``[out/bs, in/bs]``."""
+    out_f, in_f = w.shape
+    return w.reshape(out_f // bs, bs, in_f // bs, bs).pow(2).sum(dim=(1, 3))
 
 
 def split(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:

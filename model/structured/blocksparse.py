@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.structured.base import BlockMasked, StructuredLinear, StructureError, normal_
+from model.structured.base import BlockMasked, StructuredLinear, StructureError, block_energy, normal_
 
 
 class BlockSparseLinear(BlockMasked, StructuredLinear):
@@ -72,11 +72,8 @@ class BlockSparseLinear(BlockMasked, StructuredLinear):
         return self.masked_weight()
 
     def _fit(self, w):
-        bs = self.block_size
-        go, gi = self.mask.shape
-        scores = w.reshape(go, bs, gi, bs).pow(2).sum(dim=(1, 3))
-        self.mask.copy_(self._mask_from_scores(scores))
+        self.mask.copy_(self._mask_from_scores(block_energy(w, self.block_size)))
         self._copy(self.weight, w)
 
     def num_params(self):
-        return int(self.mask.sum()) * self.block_size**2
+        return self.kept_params()

@@ -55,4 +55,4 @@ class DenseLinear(BlockMasked, StructuredLinear):
     def num_params(self):
         if self.mask is None:
             return self.in_features * self.out_features
-        return int(self.mask.sum()) * self.mask_block**2
+        return self.kept_params()
