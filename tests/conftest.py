@@ -10,7 +10,20 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the kernel tests run in its interpreter
 
+from pretrain.metrics import read_metrics  # noqa: E402
 from tools.prepare_data import main as prepare_main  # noqa: E402
+
+RECIPE = Path(__file__).parents[1] / "configs" / "tiny-cpu.yaml"
+
+
+def cli(overrides: list[str], recipe: Path | str = RECIPE) -> list[str]:
+    """``--config recipe --set o1 --set o2 ...``: the trainer's command line for a list of overrides."""
+    return ["--config", str(recipe), *(x for o in overrides for x in ("--set", o))]
+
+
+def losses(run: Path, key: str = "train/loss") -> dict[int, float]:
+    """``key`` by step from a run's metrics.jsonl (the last record of each step)."""
+    return {s: r[key] for s, r in read_metrics(run / "metrics.jsonl").items() if key in r}
 
 
 @pytest.fixture(scope="session")
@@ -40,9 +53,6 @@ def tiny_args(tiny_store, tmp_path):
     """Build CLI arguments for a tiny run in a fresh directory: ``tiny_args(**overrides)``."""
 
     def make(out_dir: Path | None = None, **extra) -> list[str]:
-        args = ["--config", str(Path(__file__).parents[1] / "configs" / "tiny-cpu.yaml")]
-        for o in tiny_overrides(tiny_store, out_dir or tmp_path / "run", **extra):
-            args += ["--set", o]
-        return args
+        return cli(tiny_overrides(tiny_store, out_dir or tmp_path / "run", **extra))
 
     return make

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from model.structured import example_spec
-from pretrain.metrics import read_metrics
+from tests.conftest import losses  # noqa: F401  (re-exported for the parallel tests)
 
 ROOT = Path(__file__).parents[2]
 
@@ -42,10 +42,6 @@ def torchrun(nproc: int, out: Path, structures: list[str], overrides: list[str],
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-
-
-def losses(run: Path, key: str = "train/loss") -> dict[int, float]:
-    return {s: r[key] for s, r in read_metrics(run / "metrics.jsonl").items() if key in r}
 
 
 def max_rel_diff(a: dict[int, float], b: dict[int, float], steps) -> float:

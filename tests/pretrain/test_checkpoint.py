@@ -25,29 +25,20 @@ from pretrain.checkpoint import (
     read_dcp_metadata,
     verify,
 )
-from pretrain.metrics import read_metrics
 from pretrain.train import main
+from tests.conftest import cli, losses, tiny_overrides
 
 ROOT = Path(__file__).parents[2]
 RUN = {"train.steps": 20, "checkpoint.interval": 5, "checkpoint.keep": 0, "train.eval_interval": 10}
 
 
-def losses(run: Path, key: str = "train/loss") -> dict[int, float]:
-    return {s: r[key] for s, r in read_metrics(run / "metrics.jsonl").items() if key in r}
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_store, tmp_path_factory):
     """An uninterrupted 20-step run and one stopped at step 15 (checkpoints at 5, 10, 15)."""
-    from tests.conftest import tiny_overrides
-
     base = tmp_path_factory.mktemp("ckpt")
 
     def args(out, **extra):
-        out_args = ["--config", str(ROOT / "configs" / "tiny-cpu.yaml")]
-        for o in tiny_overrides(tiny_store, out, **{**RUN, **extra}):
-            out_args += ["--set", o]
-        return out_args
+        return cli(tiny_overrides(tiny_store, out, **{**RUN, **extra}))
 
     assert main(args(base / "straight")) == 0
     assert main(args(base / "stopped", **{"train.exit_after_steps": 15})) == 0
@@ -245,15 +236,10 @@ def test_sigkill_at_random_moments_including_inside_saves_keeps_losses_exact(tin
     inside a save (a few ms after its temporary directory appears), 0-200 ms after a random later step
     was logged (a step, an evaluation or a save), or during start-up (possibly inside the resume). Then a
     last launch finishes the run: every step's loss equals the uninterrupted run's exactly."""
-    from tests.conftest import tiny_overrides
-
     extra = {"train.steps": 120, "checkpoint.interval": 2, "checkpoint.keep": 3, "train.eval_interval": 10}
 
     def args(out):
-        a = ["--config", str(ROOT / "configs" / "tiny-cpu.yaml")]
-        for o in tiny_overrides(tiny_store, out, **extra):
-            a += ["--set", o]
-        return a
+        return cli(tiny_overrides(tiny_store, out, **extra))
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert main(args(straight)) == 0

@@ -1,7 +1,6 @@
 """Sparse pretraining: the gmp schedule's densities, exact thresholds, accounting, resume, bad rules."""
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +9,8 @@ from pretrain.config import ConfigError, SparsityRule, load_config
 from pretrain.metrics import read_metrics
 from pretrain.sparsity import boundaries, gmp_density, is_update_step, kth_largest_bits
 from pretrain.train import main
-from tests.conftest import tiny_overrides
+from tests.conftest import RECIPE, cli, tiny_overrides
 
-RECIPE = str(Path(__file__).parents[2] / "configs" / "tiny-cpu.yaml")
 RULE = "{select: default, target: 0.25, start: 0.25, end: 0.75, interval: 3}"
 
 
@@ -38,10 +36,7 @@ def test_kth_largest_by_bisection_equals_topk():
 
 
 def _run(args, out, extra=()):
-    cli = ["--config", RECIPE]
-    for o in [*args(out), *extra]:
-        cli += ["--set", o]
-    return main(cli)
+    return main(cli([*args(out), *extra]))
 
 
 @pytest.fixture
@@ -85,8 +80,7 @@ def test_resume_mid_schedule_gives_identical_losses_and_masks(gmp_args, tmp_path
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert _run(gmp_args, straight) == 0
     assert _run(gmp_args, split, ["train.exit_after_steps=10"]) == 0  # between updates 8 and 11
-    assert main(["--config", RECIPE, *sum((["--set", o] for o in gmp_args(split)), []),
-                 "--resume", "auto"]) == 0
+    assert main([*cli(gmp_args(split)), "--resume", "auto"]) == 0
     a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(split / "metrics.jsonl")
     for s in range(1, 21):
         assert a[s]["train/loss"] == b[s]["train/loss"], s
@@ -116,7 +110,7 @@ def test_resume_mid_schedule_gives_identical_losses_and_masks(gmp_args, tmp_path
 )
 def test_bad_rules_stop_before_any_work(rules, message, tiny_store, tmp_path, capsys):
     over = tiny_overrides(tiny_store, tmp_path / "run", **{"sparsity.rules": rules})
-    assert main(["--config", RECIPE, *sum((["--set", o] for o in over), [])]) == 2
+    assert main(cli(over)) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
 

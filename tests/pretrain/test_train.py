@@ -1,19 +1,15 @@
 """End-to-end training on the standard-library corpus: learning, resume equality, checkpoint safety (kills and
 damage: test_checkpoint.py)."""
 
-from pathlib import Path
 
 import pytest
 
 from model.structured import REGISTRY, example_spec
 from pretrain.metrics import read_metrics
 from pretrain.train import main
+from tests.conftest import losses
 
 STRUCTURES = {kind: example_spec(kind).flow() for kind in REGISTRY}
-
-
-def losses(run: Path, key: str = "train/loss") -> dict[int, float]:
-    return {s: r[key] for s, r in read_metrics(run / "metrics.jsonl").items() if key in r}
 
 
 @pytest.mark.slow
