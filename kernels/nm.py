@@ -63,17 +63,22 @@ def nm_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 class _STE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w, n, m):
-        return w * nm_mask(w, n, m)
+    def forward(ctx, w, n, m, pruned_scale):
+        mask = nm_mask(w, n, m)
+        if pruned_scale == 0.0:
+            return w * mask
+        return w * torch.where(mask, 1.0, pruned_scale).to(w.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None, None
+        return grad, None, None, None
 
 
-def nm_sparsify(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Masked weight ``W * mask(W)`` with the straight-through backward (the dense gradient)."""
-    return _STE.apply(w, n, m)
+def nm_sparsify(w: torch.Tensor, n: int, m: int, pruned_scale: float = 0.0) -> torch.Tensor:
+    """Masked weight ``W * (mask(W) + pruned_scale * (1 - mask(W)))`` with the straight-through backward (the
+    dense gradient). ``pruned_scale`` > 0 is progressive gradient flow's mask decay (MDGF, Bambhaniya et al.,
+    arXiv 2402.04744): the pruned weights still flow, scaled down."""
+    return _STE.apply(w, n, m, float(pruned_scale))
 
 
 def srste_decay_(w: torch.Tensor, grad: torch.Tensor, n: int, m: int, decay: float) -> torch.Tensor:

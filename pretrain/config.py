@@ -186,14 +186,27 @@ class SparsityRule:
     select: str = "default"
     """Projections it applies to: the keys of ``model.structure`` (``default``, ``attn``, ``mlp``, ``q`` ...
     ``down``)."""
-    method: Literal["gmp"] = "gmp"
-    """``gmp``: gradual magnitude pruning (Zhu and Gupta, 2017) on the cubic schedule."""
+    method: Literal["gmp", "nm"] = "gmp"
+    """``gmp``: gradual magnitude pruning (Zhu and Gupta, 2017) on the cubic schedule. ``nm``: the schedule of
+    ``nm`` projections (their spec's ``n:m`` is the final pattern): dense warm-up, then SR-STE and optional
+    progressive gradient flow (MDGF ``mask_decay``, SDGF ``structure_decay``), then a fixed mask."""
     target: float = 0.5
-    """Final density (kept fraction of the pruned units), in (0, 1]."""
-    start: float = 0.25
-    """Fraction of ``train.steps`` where pruning starts (density 1 until then)."""
-    end: float = 0.75
-    """Fraction of ``train.steps`` where the density reaches ``target`` (and stays)."""
+    """``gmp``: final density (kept fraction of the pruned units), in (0, 1]."""
+    start: float | None = None
+    """Fraction of ``train.steps`` where pruning starts (dense until then); default 0.25 for ``gmp``, 0.0 for
+    ``nm`` (its dense warm-up)."""
+    end: float | None = None
+    """Fraction of ``train.steps`` where ``gmp`` reaches ``target``; for ``nm`` where the mask is frozen (the
+    final fixed-mask fraction is ``1 - end``). Default 0.75 for ``gmp``, 1.0 for ``nm``."""
+    mask_decay: Literal["none", "linear", "exp"] = "none"
+    """``nm``: MDGF: pruned weights are applied times ``a(t)``, ``max(0, 1 - coef * (t - t0))`` (linear) or
+    ``exp(-coef * (t - t0))`` (exp) from the first sparse step ``t0``; ``none``: ``a = 0``."""
+    decay_coef: float | None = None
+    """``nm``: the per-step coefficient of ``mask_decay``; default: ``1 / (t1 - t0)`` for linear (``a`` reaches 0
+    at ``end``), ``5 / (t1 - t0)`` for exp."""
+    structure_decay: bool = False
+    """``nm``: SDGF: the pattern decays from ``(m-1):m`` through ``m/2^i:m`` in equal frames over
+    [start, end) and is ``n:m`` from ``end`` (so ``end`` < 1)."""
     interval: int = 10
     """Steps between mask updates inside [start, end]."""
     granularity: Literal["element", "block"] = "element"
@@ -299,6 +312,11 @@ class Config:
             at = f"sparsity.rules[{i}]"
             if rule.select not in STRUCTURE_KEYS:
                 raise ConfigError(f"{at}.select={rule.select!r}; allowed: {sorted(STRUCTURE_KEYS)}")
+            if rule.method not in METHOD_WINDOWS:
+                raise ConfigError(f"{at}.method={rule.method!r}; allowed: {sorted(METHOD_WINDOWS)}")
+            start, end = METHOD_WINDOWS[rule.method]
+            rule.start = start if rule.start is None else rule.start
+            rule.end = end if rule.end is None else rule.end
             if not 0.0 < rule.target <= 1.0:
                 raise ConfigError(f"{at}.target={rule.target} must lie in (0, 1]")
             if not 0.0 <= rule.start < rule.end <= 1.0:
@@ -310,21 +328,39 @@ class Config:
                 raise ConfigError(f"{at}.block_size applies to granularity block only")
             if rule.block_size is not None and rule.block_size <= 0:
                 raise ConfigError(f"{at}.block_size={rule.block_size} must be a positive integer")
+            if rule.decay_coef is not None and not rule.decay_coef > 0:
+                raise ConfigError(f"{at}.decay_coef={rule.decay_coef} must be positive")
+            if rule.method != "nm" and (rule.mask_decay != "none" or rule.structure_decay):
+                raise ConfigError(f"{at}: mask_decay and structure_decay belong to method nm, not {rule.method}")
+            if rule.structure_decay and rule.end >= 1.0:
+                raise ConfigError(f"{at}.structure_decay reaches the final n:m at end={rule.end}; set end < 1 "
+                                  "(the fraction after it trains the fixed n:m mask)")
             for proj in PROJECTIONS:
                 if key_covers(rule.select, proj):
                     if proj in owner:
                         raise ConfigError(f"{at}.select={rule.select!r} selects the {proj} projections, already "
                                           f"selected by sparsity.rules[{owner[proj]}]")
                     owner[proj] = i
-                    spec = self.model.spec_for(proj)
-                    cls = structure_class(spec.kind)
-                    if rule.granularity not in cls.prune_granularities:
-                        allowed = [k for k, c in REGISTRY.items() if rule.granularity in c.prune_granularities]
-                        raise ConfigError(f"{at}: method {rule.method} at granularity {rule.granularity} does not "
-                                          f"apply to the {spec.kind} {proj} projections; it prunes {allowed}")
-                    if rule.granularity == "block" and rule.block_size is None and spec.kind == "dense":
-                        raise ConfigError(f"{at}.block_size is required for granularity block on dense "
-                                          "projections")
+                    self._check_rule_applies(at, rule, proj)
+
+    def _check_rule_applies(self, at: str, rule: SparsityRule, proj: str) -> None:
+        spec = self.model.spec_for(proj)
+        if rule.method == "nm":
+            if spec.kind != "nm":
+                raise ConfigError(f"{at}: method nm schedules nm projections; the {proj} projections are "
+                                  f"{spec.kind}")
+            return
+        cls = structure_class(spec.kind)
+        if rule.granularity not in cls.prune_granularities:
+            allowed = [k for k, c in REGISTRY.items() if rule.granularity in c.prune_granularities]
+            raise ConfigError(f"{at}: method {rule.method} at granularity {rule.granularity} does not "
+                              f"apply to the {spec.kind} {proj} projections; it prunes {allowed}")
+        if rule.granularity == "block" and rule.block_size is None and spec.kind == "dense":
+            raise ConfigError(f"{at}.block_size is required for granularity block on dense projections")
+
+
+METHOD_WINDOWS = {"gmp": (0.25, 0.75), "nm": (0.0, 1.0)}
+"""Default ``(start, end)`` of each sparsity method."""
 
 
 # -- generic dataclass <-> dict -----------------------------------------------------------------------

@@ -21,10 +21,21 @@ Accounting (logged and checkpointed): the density of the pruned units, the effec
 average parameter count over the steps so far, and the training FLOPs spent so far at the density of each
 step (3x the forward FLOPs; every pruned weight saves 2 forward FLOPs per token).
 
-The masks are persistent layer buffers (model state: they reshard like their weights); the accumulators are
-this object's ``state_dict``. Not built yet (issue 10): N:M schedules, self-guided training,
+``nm``: the schedule of N:M projections (SR-STE, Zhou et al. 2021; progressive gradient flow, Bambhaniya et
+al., arXiv 2402.04744, reference code abhibambhaniya/progressive_gradient_flow_nm_sparsity). With
+``t0, t1 = boundaries(rule)``: dense before ``t0``; on ``[t0, t1)`` the mask follows the weights (SR-STE's decay
+from the structure spec, once per step), pruned weights applied times ``a(s)`` (MDGF, ``s = t - t0``:
+``max(0, 1 - c s)`` or ``exp(-c s)``) and, with SDGF, the pattern ``(m-1):m`` in the first of ``K =
+ceil(log2(m/n))`` equal frames and ``m/2^i:m`` in frame ``i``; from ``t1`` (when ``end`` < 1) the ``n:m`` mask of
+the weights at ``t1`` is frozen and only the kept weights train. Every quantity is a pure function of the step
+except the frozen mask, a layer buffer.
+
+The masks and the N:M phase are persistent layer buffers (model state: they reshard like their weights); the
+accumulators are this object's ``state_dict``. Not built yet (issue 10): self-guided training,
 dense-to-structured conversion and block-size search.
 """
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -59,6 +70,27 @@ def is_update_step(rule: SparsityRule, steps: int, step: int) -> bool:
     return step == t1 or (t0 <= step < t1 and (step - t0) % rule.interval == 0)
 
 
+def nm_phase(rule: SparsityRule, steps: int, step: int, n: int, m: int) -> tuple[bool, int, float, bool]:
+    """``(dense, n_now, pruned_scale, frozen)`` of an ``nm`` rule's layer with final pattern ``n:m`` at ``step``."""
+    t0, t1 = boundaries(rule, steps)
+    if step < t0:
+        return True, m, 1.0, False
+    if step >= t1:
+        return False, n, 0.0, True
+    s, span = step - t0, t1 - t0
+    if rule.mask_decay == "none":
+        a = 0.0
+    else:
+        c = rule.decay_coef or (1.0 if rule.mask_decay == "linear" else 5.0) / span
+        a = max(0.0, 1.0 - c * s) if rule.mask_decay == "linear" else math.exp(-c * s)
+    n_now = n
+    if rule.structure_decay:
+        frames = max(1, math.ceil(math.log2(m / n)))
+        i = s * frames // span
+        n_now = max(n, m - 1 if i == 0 else m >> i)
+    return False, n_now, a, False
+
+
 def slot_of(name: str) -> str:
     """``layers.3.mlp.up`` -> ``up``."""
     return name.rsplit(".", 1)[-1]
@@ -70,11 +102,15 @@ def selected(layers: dict[str, StructuredLinear], rule: SparsityRule) -> dict[st
 
 
 def enable_pruning(layers: dict[str, StructuredLinear], rules: list[SparsityRule]) -> None:
-    """Give every projection a rule selects its mask (on the full model, before tensor parallelism)."""
+    """Give every projection a rule selects its mask or schedule state (on the full model, before tensor
+    parallelism)."""
     for i, rule in enumerate(rules):
         for name, layer in selected(layers, rule).items():
             try:
-                layer.enable_pruning(rule.granularity, rule.block_size)
+                if rule.method == "nm":
+                    layer.enable_schedule(freeze=rule.end < 1.0)
+                else:
+                    layer.enable_pruning(rule.granularity, rule.block_size)
             except StructureError as e:
                 raise ConfigError(f"sparsity.rules[{i}] ({name}): {e}") from None
 
@@ -118,6 +154,19 @@ class SparsitySchedule:
             if rule.scope == "global" and len(sizes) > 1:
                 raise ConfigError(f"sparsity.rules[{i}].scope=global needs one unit size; the selected "
                                   f"projections prune units of {sorted(sizes)} weights")
+        # ``params`` and ``forward_flops`` count each projection at its structure's own size; a schedule moves
+        # the nm ones through denser phases, so the accounting starts from every scheduled unit kept.
+        extra = torch.zeros(1, dtype=torch.float64)
+        for sel in self.selected:
+            for m in sel.values():
+                _, units, size = m.prune_units()
+                extra += units * size - m.num_params()
+        extra = float(_all_reduce(extra, tp_group, pp_group))
+        self.dense_params, self.forward_flops = params + extra, forward_flops + 2 * extra
+        self.phases: dict[str, int] = {}
+        """Kept weights of each ``nm`` layer at the last step (to report densities when they change)."""
+        self.nm_scale: float | None = None
+        self._read_phases()
         self.param_steps = 0.0
         """Sum over completed steps of the effective parameter count (for the average)."""
         self.flops_spent = 0.0
@@ -130,6 +179,9 @@ class SparsitySchedule:
         forward, on every rank); returns per-projection densities when something changed."""
         changed = False
         for rule, sel in zip(self.rules, self.selected):
+            if rule.method == "nm":
+                changed |= self._set_nm_phases(rule, sel, step)
+                continue
             if not is_update_step(rule, self.steps, step):
                 continue
             density = gmp_density(rule, self.steps, step)
@@ -153,6 +205,26 @@ class SparsitySchedule:
             return {}
         self.current = self._count()
         return self._per_projection()
+
+    def _set_nm_phases(self, rule: SparsityRule, sel: dict[str, StructuredLinear], step: int) -> bool:
+        """Set this step's phase on every layer of an ``nm`` rule; True when a density changed."""
+        changed = False
+        for name, layer in sel.items():
+            dense, n_now, a, frozen = nm_phase(rule, self.steps, step, layer.n, layer.m)
+            layer.set_phase(dense, n_now, a, freeze=frozen)
+            kept = layer.prune_units()[0]
+            changed |= self.phases.get(name) != kept
+            self.phases[name] = kept
+            self.nm_scale = a
+        return changed
+
+    def _read_phases(self) -> None:
+        """Take the ``nm`` layers' phases as they are (built, or loaded from a checkpoint)."""
+        for rule, sel in zip(self.rules, self.selected):
+            if rule.method == "nm":
+                for name, layer in sel.items():
+                    self.phases[name] = layer.prune_units()[0]
+                    self.nm_scale = layer.phase()[2]
 
     def _count(self) -> dict[str, float]:
         """Kept and total prunable parameters over all rules (all ranks), and the effective parameter count."""
@@ -194,6 +266,8 @@ class SparsitySchedule:
                "sparsity/avg_params": self.param_steps / self.steps_done if self.steps_done else c["params"]}
         if c["total"]:
             out["sparsity/density"] = c["kept"] / c["total"]
+        if self.nm_scale is not None:
+            out["sparsity/nm_pruned_scale"] = self.nm_scale
         return out
 
     def state_dict(self) -> dict:
@@ -205,7 +279,8 @@ class SparsitySchedule:
         self.param_steps = float(state_dict["param_steps"])
         self.flops_spent = float(state_dict["flops_spent"])
         self.steps_done = int(state_dict["steps_done"])
-        self.current = self._count()  # the masks were loaded with the model
+        self.current = self._count()  # the masks and phases were loaded with the model
+        self._read_phases()
 
 
 def _gather_pp(obj, pp_group: ProcessGroup | None) -> list:
@@ -220,10 +295,15 @@ def describe(rules: list[SparsityRule], steps: int) -> str:
     parts = []
     for i, r in enumerate(rules):
         t0, t1 = boundaries(r, steps)
+        if r.method == "nm":
+            flow = [f"mask decay {r.mask_decay}"] + (["structure decay"] if r.structure_decay else [])
+            parts.append(f"rules[{i}]: nm {r.select}: dense to step {t0}, then {', '.join(flow)}"
+                         + (f", mask fixed from step {t1}" if r.end < 1.0 else ""))
+            continue
         parts.append(f"rules[{i}]: {r.method} {r.select} -> density {r.target} over steps {t0}-{t1} every "
                      f"{r.interval} ({r.granularity}, {r.scope})")
     return "; ".join(parts)
 
 
 __all__ = ["SparsitySchedule", "boundaries", "describe", "enable_pruning", "gmp_density", "is_update_step",
-           "kth_largest_bits"]
+           "kth_largest_bits", "nm_phase"]

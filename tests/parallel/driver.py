@@ -5,7 +5,8 @@ Usage (from the repository root):
         --set parallel.dp=2 --set parallel.tp=2 --set parallel.pp=2 [--set ...]
 
 Each structure runs ``pretrain.train.Trainer`` with ``train.out_dir=DIR/<structure>``; rank 0 writes its
-metrics there.
+metrics there. A name that is not one of ``common.STRUCTURES`` labels a run whose ``model.structure`` is among
+the ``--set`` overrides.
 """
 
 import argparse
@@ -27,8 +28,9 @@ def main() -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     for name in args.structures.split(","):
-        overrides = [*args.overrides, f"model.structure={{default: {STRUCTURES[name]}}}",
-                     f"train.out_dir={Path(args.out) / name}", f"checkpoint.resume={args.resume}"]
+        structure = [f"model.structure={{default: {STRUCTURES[name]}}}"] if name in STRUCTURES else []
+        overrides = [*args.overrides, *structure, f"train.out_dir={Path(args.out) / name}",
+                     f"checkpoint.resume={args.resume}"]
         Trainer(load_config(None, overrides)).fit()
     dist.destroy_process_group()
     return 0

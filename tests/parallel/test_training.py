@@ -116,37 +116,45 @@ def test_bad_topologies_fail_before_any_work(overrides, message, tiny_store, tmp
     assert not (tmp_path / "checkpoints").exists()
 
 
-GMP = "[{select: default, target: 0.3, start: 0.2, end: 0.7, interval: 2}]"
+SCHEDULED = ("[{select: attn, target: 0.3, start: 0.2, end: 0.7, interval: 2}, {select: mlp, method: nm, start: 0.1, "
+             "end: 0.5, mask_decay: linear, structure_decay: true}]")
+"""gmp on the attention projections (updates at steps 4, 6, ..., 14), the N:M schedule of 1:8 mlp projections
+(dense to step 2, 7:8 and 4:8 and 2:8 frames, the 1:8 mask frozen at step 10)."""
+SCHEDULED_STRUCTURE = f"{{default: {STRUCTURES['dense']}, mlp: {{kind: nm, n: 1, m: 8}}}}"
 
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_gmp_masks_agree_exactly_across_topologies(tiny_store, tmp_path):
-    """From the same weights (a single-process checkpoint at step 10, where gmp updates the masks), (2,2,2),
-    (1,4,1) and an interleaved pipeline compute exactly the single process's masks and step-11 loss.
+def test_schedule_masks_agree_exactly_across_topologies(tiny_store, tmp_path):
+    """From the same weights (a single-process checkpoint at step 10, where gmp updates its masks and the N:M
+    schedule freezes its mask), (2,2,2), (1,4,1) and an interleaved pipeline compute exactly the single
+    process's masks and step-11 loss.
 
     Whole trajectories are not compared: the weights of two topologies differ by float rounding (~1e-7), and
-    a weight that close to the threshold lands on the other side of it in one of them (measured: 6.7e-4
-    relative loss difference at (2,2,2) after 20 steps with a mask update every 2 steps)."""
+    a weight that close to a threshold lands on the other side of it in one of them (measured: 6.7e-4
+    relative loss difference at (2,2,2) after 20 steps with a gmp update every 2 steps)."""
     from pretrain.checkpoint import load_model
 
-    base = [*tiny(tiny_store), f"sparsity.rules={GMP}", f"model.structure={{default: {STRUCTURES['dense']}}}"]
-    single = tmp_path / "single" / "dense"
+    base = [*tiny(tiny_store), f"sparsity.rules={SCHEDULED}", f"model.structure={SCHEDULED_STRUCTURE}"]
+    single = tmp_path / "single" / "sched"
     Trainer(load_config(None, [*base, f"train.out_dir={single}"])).fit()
     ckpt = single / "checkpoints" / "step_000010"
     resumed = {"222": (8, topology(2, 2, 2)), "141": (4, topology(1, 4, 1)),
                "114": (4, topology(1, 1, 4, "interleaved_1f1b", virtual=2))}
     for run, (nproc, topo) in resumed.items():
-        torchrun(nproc, tmp_path / run, ["dense"], [*base, *topo, "train.exit_after_steps=1"], resume=str(ckpt))
-    # the single process's masks of step 10's update: the same one-step resume, in this process
-    Trainer(load_config(None, [*base, f"train.out_dir={tmp_path / 'single11' / 'dense'}", f"checkpoint.resume={ckpt}",
+        torchrun(nproc, tmp_path / run, ["sched"], [*base, *topo, "train.exit_after_steps=1"], resume=str(ckpt))
+    # the single process's masks of step 10: the same one-step resume, in this process
+    Trainer(load_config(None, [*base, f"train.out_dir={tmp_path / 'single11' / 'sched'}", f"checkpoint.resume={ckpt}",
                                "train.exit_after_steps=1"])).fit()
-    ref = load_model(tmp_path / "single11" / "dense" / "checkpoints")[0].state_dict()
+    ref = load_model(tmp_path / "single11" / "sched" / "checkpoints")[0].state_dict()
     masks = [k for k in ref if k.endswith(".mask")]
+    frozen = [k for k in ref if k.endswith(".frozen_mask")]
     kept = float(sum(ref[k].sum() for k in masks)) / sum(ref[k].numel() for k in masks)
-    assert len(masks) == 7 * 8 and 0.3 < kept < 1, kept  # step 10 of the 4-14 schedule: partly pruned
+    assert len(masks) == 4 * 8 and 0.3 < kept < 1, kept  # step 10 of the 4-14 schedule: partly pruned
+    assert len(frozen) == 3 * 8 and all(ref[k].sum() * 8 == ref[k].numel() for k in frozen)
     ref_loss = losses(single)[11]
     for run in resumed:
-        got = load_model(tmp_path / run / "dense" / "checkpoints")[0].state_dict()
-        assert all(torch.equal(got[k], ref[k]) for k in masks), run
-        assert abs(losses(tmp_path / run / "dense")[11] - ref_loss) / ref_loss < TOL, run
+        got = load_model(tmp_path / run / "sched" / "checkpoints")[0].state_dict()
+        assert all(torch.equal(got[k], ref[k]) for k in masks + frozen), run
+        assert all(torch.equal(got[k], ref[k]) for k in ref if k.endswith(".nm_phase")), run
+        assert abs(losses(tmp_path / run / "sched")[11] - ref_loss) / ref_loss < TOL, run

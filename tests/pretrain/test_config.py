@@ -8,10 +8,10 @@ from pretrain.config import ConfigError, dump_config, load_config
 from pretrain.train import build_model, main
 
 ROOT = Path(__file__).parents[2]
-RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
+RECIPES = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+@pytest.mark.parametrize("recipe", RECIPES, ids=[str(p.relative_to(ROOT / "configs")) for p in RECIPES])
 def test_every_recipe_loads_and_builds(recipe):
     import torch
 

@@ -1,5 +1,6 @@
 """Sparse pretraining: the gmp schedule's densities, exact thresholds, accounting, resume, bad rules."""
 
+import math
 import re
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from pretrain.config import ConfigError, SparsityRule, load_config
 from pretrain.metrics import read_metrics
-from pretrain.sparsity import boundaries, gmp_density, is_update_step, kth_largest_bits
+from pretrain.sparsity import boundaries, gmp_density, is_update_step, kth_largest_bits, nm_phase
 from pretrain.train import main
 from tests.conftest import RECIPE, cli, tiny_overrides
 
@@ -102,7 +103,11 @@ def test_resume_mid_schedule_gives_identical_losses_and_masks(gmp_args, tmp_path
         ("[{start: 0.5, end: 0.5}]", r"start=0.5 and end=0.5 need 0 <= start < end <= 1"),
         ("[{select: ffn}]", r"sparsity.rules\[0\].select='ffn'; allowed:"),
         ("[{select: mlp}, {select: up}]", r"rules\[1\].select='up' selects the up projections, already"),
-        ("[{method: magic}]", r"sparsity.rules\[0\].method='magic' is not allowed; allowed: \['gmp'\]"),
+        ("[{method: magic}]", r"sparsity.rules\[0\].method='magic' is not allowed; allowed: \['gmp', 'nm'\]"),
+        ("[{method: nm}]", r"rules\[0\]: method nm schedules nm projections; the q projections are dense"),
+        ("[{mask_decay: exp}]", r"rules\[0\]: mask_decay and structure_decay belong to method nm, not gmp"),
+        ("[{method: nm, select: mlp, structure_decay: true}]", r"rules\[0\].structure_decay reaches the final n:m"),
+        ("[{method: nm, select: mlp, mask_decay: linear, decay_coef: -1}]", r"decay_coef=-1.0 must be positive"),
         ("[{granularity: block}]", r"block_size is required for granularity block"),
         ("[{granularity: block, block_size: 5}]", r"dense.block_size=5 must divide"),
         ("[{interval: 0}]", r"interval=0 must be a positive integer"),
@@ -120,3 +125,55 @@ def test_a_rule_on_a_structure_it_cannot_prune_is_refused(tiny_store, tmp_path):
                                                            "sparsity.rules": "[{select: mlp}]"})
     with pytest.raises(ConfigError, match=r"does not apply to the lowrank gate projections; it prunes \['dense'\]"):
         load_config(RECIPE, over)
+
+
+def test_nm_phases_follow_the_progressive_gradient_flow_formulas():
+    rule = SparsityRule(method="nm", start=0.1, end=0.9, mask_decay="linear", structure_decay=True)
+    # dense warm-up to t0 = 10; 1:8 decays in ceil(log2 8) = 3 frames of 80/3 steps: 7:8, 4:8, 2:8; fixed 1:8 from 90
+    phases = [nm_phase(rule, 100, s, 1, 8) for s in range(100)]
+    assert all(p[0] for p in phases[:10]) and not any(p[0] for p in phases[10:])
+    assert [p[1] for p in phases[10:90]] == [7] * 27 + [4] * 27 + [2] * 26
+    assert [p[2] for p in phases[10:90]] == pytest.approx([max(0.0, 1 - s / 80) for s in range(80)])
+    assert all(p == (False, 1, 0.0, True) for p in phases[90:])
+    exp = SparsityRule(method="nm", start=0.0, end=1.0, mask_decay="exp", decay_coef=0.1)
+    assert [nm_phase(exp, 50, s, 2, 4) for s in (0, 10, 49)] == [
+        (False, 2, 1.0, False), (False, 2, pytest.approx(math.exp(-1.0)), False),
+        (False, 2, pytest.approx(math.exp(-4.9)), False)]
+    srste = SparsityRule(method="nm", start=0.0, end=1.0)  # defaults: SR-STE from the first step, never frozen
+    assert {nm_phase(srste, 50, s, 2, 4) for s in range(50)} == {(False, 2, 0.0, False)}
+
+
+NM = {"model.structure": "{default: {kind: dense}, mlp: {kind: nm, n: 1, m: 8}}", "train.steps": 20,
+      "sparsity.rules": "[{method: nm, select: mlp, start: 0.1, end: 0.8, mask_decay: exp, structure_decay: true}]"}
+
+
+def test_nm_schedule_runs_its_phases_resumes_exactly_and_freezes_the_mask(tiny_store, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(cli(tiny_overrides(tiny_store, straight, **NM))) == 0
+    assert main(cli(tiny_overrides(tiny_store, split, **NM, **{"train.exit_after_steps": 10}))) == 0
+    assert main([*cli(tiny_overrides(tiny_store, split, **NM)), "--resume", "auto"]) == 0
+    a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(split / "metrics.jsonl")
+    for s in range(1, 21):
+        assert a[s]["train/loss"] == b[s]["train/loss"], s
+        assert {k: v for k, v in a[s].items() if k.startswith("sparsity/")} == \
+               {k: v for k, v in b[s].items() if k.startswith("sparsity/")}, s
+    # step s is logged as record s + 1: dense to step 2, 7:8 (frames of 14/3 steps), 4:8, 2:8, fixed 1:8 from 16
+    rule = SparsityRule(method="nm", start=0.1, end=0.8, mask_decay="exp", structure_decay=True)
+    for s in range(20):
+        dense, n_now, scale, _ = nm_phase(rule, 20, s, 1, 8)
+        density = 1.0 if dense or scale > 0 else n_now / 8
+        assert a[s + 1]["sparsity/density"] == pytest.approx(density), s
+        assert a[s + 1]["sparsity/nm_pruned_scale"] == pytest.approx(scale), s
+    # params: the mlp projections count fully while dense or decaying, 1/8 once fixed
+    assert a[1]["sparsity/params"] > a[20]["sparsity/params"]
+    from pretrain.checkpoint import load_model
+
+    ma, _, _ = load_model(straight / "checkpoints")
+    mb, _, _ = load_model(split / "checkpoints")
+    for name, layer in ma.structured_layers().items():
+        if name.split(".")[-1] in ("gate", "up", "down"):
+            other = mb.structured_layers()[name]
+            assert layer.phase() == other.phase() == (False, 1, 0.0, True)
+            assert torch.equal(layer.frozen_mask, other.frozen_mask)
+            assert int(layer.frozen_mask.sum()) * 8 == layer.frozen_mask.numel()
+            assert torch.equal(layer.to_dense(), layer.weight * layer.frozen_mask)

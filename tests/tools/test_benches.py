@@ -11,7 +11,8 @@ ROOT = Path(__file__).parents[2]
 
 def _rows(out: str) -> dict[str, list[str]]:
     rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ") and "---" not in line]
-    return {r[0].strip(): [c.strip() for c in r[1:]] for r in rows[1:]}
+    header = rows[0][0].strip() if rows else None
+    return {r[0].strip(): [c.strip() for c in r[1:]] for r in rows if r[0].strip() != header}
 
 
 def test_bench_structures_prints_ratios_to_dense(tiny_store, capsys):
@@ -51,9 +52,15 @@ def test_bench_sparsity_prints_the_schedule_table_and_a_verdict(tiny_store, tmp_
     assert bench_sparsity.main(args) == 0
     out = capsys.readouterr().out
     rows = _rows(out)
-    assert set(rows) == {"dense", "static", "gmp-early", "gmp-25-75", "gmp-late"}
-    assert rows["dense"][0] == "1.000" and all(abs(float(rows[n][0]) - 0.5) < 0.01 for n in rows if n != "dense")
+    assert set(rows) == {"dense", "static", "gmp-early", "gmp-25-75", "gmp-late", "nm-ste", "nm-srste", "nm-mdgf",
+                         "nm-sdgf"}
+    gmp = ("static", "gmp-early", "gmp-25-75", "gmp-late")
+    assert rows["dense"][0] == "1.000" and all(abs(float(rows[n][0]) - 0.5) < 0.01 for n in gmp)
     assert float(rows["static"][3]) < float(rows["gmp-late"][3]) < 1.0  # average parameters: late prunes last
     assert rows["dense"][3] == "1.00" and rows["dense"][5] == "1.00"
     assert "claim: gmp over 25-75% of training" in out
+    # 2:4 ends at half the projection weights; mask decay and structure decay apply more of them on the way
+    assert all(rows[n][0] == "0.500" for n in ("nm-ste", "nm-srste", "nm-mdgf", "nm-sdgf"))
+    assert rows["nm-ste"][3] == rows["nm-srste"][3] < rows["nm-sdgf"][3] and rows["nm-ste"][3] < rows["nm-mdgf"][3]
+    assert out.count("ends below plain STE for 2:4") == 3
     assert bench_sparsity.main(["--target", "0"]) == 2
