@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from kernels.blocksparse import blocksparse_linear, use_kept_blocks
 from model.config import divisors
 
 
@@ -260,6 +262,14 @@ class BlockMasked:
 
     def masked_weight(self) -> torch.Tensor:
         return self.weight if self.mask is None else self.weight * self.dense_mask()
+
+    def masked_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ masked_weight()^T``; under a block mask that ``kernels.blocksparse`` finds worth it, over the kept
+        blocks only (the same function; pruned blocks are never read)."""
+        bs = self.mask_block
+        if self.mask is not None and bs > 1 and use_kept_blocks(x, self.mask, bs):
+            return blocksparse_linear(x, self.weight, self.mask, bs)
+        return F.linear(x, self.masked_weight())
 
     def prune_scores(self) -> torch.Tensor:
         """Squared magnitude of every unit of the masked weight this rank holds (pruned units score 0), summed

@@ -3,7 +3,6 @@
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.structured.base import BlockMasked, StructuredLinear, StructureError, block_energy, normal_
@@ -60,7 +59,7 @@ class BlockSparseLinear(BlockMasked, StructuredLinear):
         normal_(self.weight, std / math.sqrt(self.kept_blocks / self.mask.numel()), generator)
 
     def forward(self, x):
-        return self._at("out", F.linear(self._at("in", x), self.masked_weight()))
+        return self._at("out", self.masked_linear(self._at("in", x)))
 
     def shard(self, tp_rank, tp_size, style, comm):
         # Like dense, with the block mask split along the same dimension as the weight.

@@ -1,7 +1,6 @@
 """Dense baseline ``y = x W^T``, optionally under a magnitude-pruning mask (``sparsity.rules``, method gmp)."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.structured.base import BlockMasked, StructuredLinear, normal_
@@ -35,7 +34,7 @@ class DenseLinear(BlockMasked, StructuredLinear):
         normal_(self.weight, std, generator)
 
     def forward(self, x):
-        return self._at("out", F.linear(self._at("in", x), self.masked_weight()))
+        return self._at("out", self.masked_linear(self._at("in", x)))
 
     def shard(self, tp_rank, tp_size, style, comm):
         dim = 0 if style == "column" else 1

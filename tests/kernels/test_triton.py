@@ -8,6 +8,7 @@ import torch
 
 from kernels.blast import blast_couple, blast_expand, blast_project
 from kernels.blockdiag import blockdiag_matmul
+from kernels.blocksparse import blocksparse_linear
 from kernels.dispatch import KernelError, use_triton
 from kernels.lowrank import lowrank_expand, lowrank_project
 from kernels.monarch import monarch_left, monarch_right
@@ -25,6 +26,10 @@ def g(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
+BLOCK_MASK = torch.rand(5, 6, generator=torch.Generator().manual_seed(3)) < 0.5
+BLOCK_MASK[0] = False  # a block-row with no kept block, and columns with none
+
+
 PRODUCTS = {  # name: (function, input shapes (the first is the activation))
     "lowrank_project": (lowrank_project, [(*LEAD, 40), (6, 40)]),
     "lowrank_expand": (lowrank_expand, [(*LEAD, 6), (24, 6)]),
@@ -35,6 +40,7 @@ PRODUCTS = {  # name: (function, input shapes (the first is the activation))
     "blast_couple": (blast_couple, [(*LEAD, 4, 6), (3, 4, 6)]),
     "blast_expand": (blast_expand, [(*LEAD, 3, 6), (3, 7, 6)]),
     "nm_linear": (lambda x, w: nm_linear(x, w, 2, 4), [(*LEAD, 32), (20, 32)]),
+    "blocksparse": (lambda x, w: blocksparse_linear(x, w, BLOCK_MASK, 4), [(*LEAD, 6 * 4), (5 * 4, 6 * 4)]),
 }
 
 

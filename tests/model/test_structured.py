@@ -122,6 +122,49 @@ def test_nm_srste_decays_pruned_weights():
     assert (layer.weight.grad[~pruned] == 0).all()
 
 
+def test_blocksparse_kept_blocks_product_equals_the_masked_product(monkeypatch):
+    """The kept-blocks product (what a sparse enough block mask runs) against ``x @ (W * mask)^T``: output, input
+    gradient and weight gradient (zero on pruned blocks), including block-rows and -columns with no kept block."""
+    from kernels.blocksparse import blocksparse_linear
+
+    monkeypatch.setenv("STRUCTORCH_KERNELS", "reference")
+    layer = make(S("blocksparse", block_size=8, density=0.25), 48, 32)
+    layer.mask[1] = False
+    layer.mask[:, 2] = False
+    x = torch.randn(2, 7, 48, dtype=torch.double, requires_grad=True)
+    gy = torch.randn(2, 7, 32, dtype=torch.double)
+    ref = torch.autograd.grad(x @ layer.masked_weight().t(), (x, layer.weight), gy)
+    y = blocksparse_linear(x, layer.weight, layer.mask, 8)
+    got = torch.autograd.grad(y, (x, layer.weight), gy)
+    torch.testing.assert_close(y, x @ layer.to_dense().t())
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_nm_phases_change_what_the_layer_applies():
+    layer = make(S("nm", n=1, m=4), 16, 8)
+    layer.enable_schedule(freeze=True)
+    w = layer.weight.detach()
+    layer.set_phase(dense=True, n_now=4, pruned_scale=1.0, freeze=False)
+    torch.testing.assert_close(layer.to_dense(), w)
+    assert layer.prune_units() == (128, 128, 1)
+    layer.set_phase(dense=False, n_now=2, pruned_scale=0.25, freeze=False)  # SDGF 2:4, MDGF a = 0.25
+    kept = (layer.to_dense() == w).reshape(8, 4, 4).sum(-1)
+    assert (kept == 2).all() and layer.prune_units() == (128, 128, 1)
+    torch.testing.assert_close(layer.to_dense()[layer.to_dense() != w], 0.25 * w[layer.to_dense() != w])
+    layer.set_phase(dense=False, n_now=1, pruned_scale=0.0, freeze=True)  # frozen 1:4
+    mask = layer.frozen_mask.clone()
+    assert layer.prune_units() == (32, 128, 1) and int(mask.sum()) == 32
+    with torch.no_grad():
+        layer.weight.mul_(-torch.rand_like(layer.weight))  # new magnitudes: a following mask would move
+    torch.testing.assert_close(layer.to_dense(), layer.weight * mask)
+    x = torch.randn(3, 16, dtype=torch.double)
+    layer(x).sum().backward()
+    assert (layer.weight.grad[~mask] == 0).all()  # frozen: only kept weights train, no SR-STE term
+    layer.regularize_grad()
+    assert (layer.weight.grad[~mask] == 0).all()
+
+
 @pytest.mark.parametrize(
     "spec,shape,match",
     [

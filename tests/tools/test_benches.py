@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tools import bench_checkpoint, bench_optim, bench_sparsity, bench_structures
+from tools import bench_checkpoint, bench_kernels, bench_optim, bench_sparsity, bench_structures
 
 ROOT = Path(__file__).parents[2]
 
@@ -64,3 +64,18 @@ def test_bench_sparsity_prints_the_schedule_table_and_a_verdict(tiny_store, tmp_
     assert rows["nm-ste"][3] == rows["nm-srste"][3] < rows["nm-sdgf"][3] and rows["nm-ste"][3] < rows["nm-mdgf"][3]
     assert out.count("ends below plain STE for 2:4") == 3
     assert bench_sparsity.main(["--target", "0"]) == 2
+
+
+def test_bench_kernels_prints_product_and_block_sparsity_ratios(capsys, monkeypatch):
+    monkeypatch.setenv("STRUCTORCH_KERNELS", "reference")
+    args = ["--recipes", "gpt2-small", "--products", "lowrank", "--tokens", "16", "--reps", "1", "--block-sizes", "128"]
+    assert bench_kernels.main(args) == 0
+    out = capsys.readouterr().out
+    tables = [line for line in out.splitlines() if line.startswith("| gpt2-small")]
+    products = [t for t in tables if "lowrank" in t]
+    blocks = [t.strip("|").split("|") for t in tables if "lowrank" not in t]
+    assert len(products) == 3 and len(blocks) == 3 * 2  # three shapes, densities 0.5 and 0.25
+    assert {b[3].strip() for b in blocks} == {"0.5", "0.25"} and all(float(b[4]) > 0 for b in blocks)
+    assert {b[7].strip() for b in blocks if b[3].strip() == "0.25"} == {"kept blocks"}
+    assert {b[7].strip() for b in blocks if b[3].strip() == "0.5"} == {"masked dense"}
+    assert bench_kernels.main(["--block-sizes", "0,x"]) == 2
