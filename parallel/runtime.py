@@ -65,6 +65,10 @@ class ParallelModel:
                     seen.add(id(p))
                     yield name, p
 
+    def refresh_parameters(self) -> None:
+        """Take the stages' parameters anew (after a layer dropped one, e.g. a freed self-guided path)."""
+        self._params = dict(self.named_parameters())
+
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """Parameters and persistent buffers of this rank's stages, by global name."""
         out = {}

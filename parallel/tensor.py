@@ -90,7 +90,7 @@ def apply_tp(model: GPT, comm: GroupComm) -> tuple[dict[str, int | None], set[st
         for name, parent, layer in list(block.projections()):
             slot = SLOTS[name]
             prefix = f"layers.{i}.{slot.group}.{name}"
-            shard = layer.shard(rank, size, slot.style, comm)
+            shard = layer.shard_all(rank, size, slot.style, comm)
             setattr(parent, name, shard.layer)
             placements.update({f"{prefix}.{k}": v for k, v in shard.placements.items()})
             partial.update(f"{prefix}.{k}" for k in shard.partial_grads)

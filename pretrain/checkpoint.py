@@ -513,8 +513,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         model = GPT(cfg.model)
     model.to_empty(device=device)
     model.init_weights(0)  # also rebuilds the non-persistent RoPE tables; every weight is then loaded
-    from pretrain.sparsity import enable_pruning
+    from pretrain.sparsity import enable_pruning, guides_done
 
-    enable_pruning(model.structured_layers(), cfg.sparsity.rules)  # the masks the run trained under
+    layers = model.structured_layers()
+    enable_pruning(layers, cfg.sparsity.rules)  # the masks (and live self-guided paths) the run trained under
+    for name in guides_done(layers, cfg.sparsity.rules, cfg.train.steps, int(meta["step"])):
+        layers[name].free_guide()
     Checkpointer.load(step_dir, {"model": ModelState(model.state_dict(keep_vars=True), {}, GlobalView(None))})
     return model.eval(), cfg, step_dir

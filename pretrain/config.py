@@ -186,24 +186,33 @@ class SparsityRule:
     select: str = "default"
     """Projections it applies to: the keys of ``model.structure`` (``default``, ``attn``, ``mlp``, ``q`` ...
     ``down``)."""
-    method: Literal["gmp", "nm"] = "gmp"
+    method: Literal["gmp", "nm", "self_guided"] = "gmp"
     """``gmp``: gradual magnitude pruning (Zhu and Gupta, 2017) on the cubic schedule. ``nm``: the schedule of
     ``nm`` projections (their spec's ``n:m`` is the final pattern): dense warm-up, then SR-STE and optional
-    progressive gradient flow (MDGF ``mask_decay``, SDGF ``structure_decay``), then a fixed mask."""
+    progressive gradient flow (MDGF ``mask_decay``, SDGF ``structure_decay``), then a fixed mask.
+    ``self_guided``: a dense guide mixed into a structured projection, decaying from 1 at ``start`` to 0 at
+    ``end`` (then freed)."""
     target: float = 0.5
     """``gmp``: final density (kept fraction of the pruned units), in (0, 1]."""
     start: float | None = None
     """Fraction of ``train.steps`` where pruning starts (dense until then); default 0.25 for ``gmp``, 0.0 for
-    ``nm`` (its dense warm-up)."""
+    ``nm`` (its dense warm-up) and ``self_guided`` (the guide's weight starts to decay)."""
     end: float | None = None
     """Fraction of ``train.steps`` where ``gmp`` reaches ``target``; for ``nm`` where the mask is frozen (the
-    final fixed-mask fraction is ``1 - end``). Default 0.75 for ``gmp``, 1.0 for ``nm``."""
+    final fixed-mask fraction is ``1 - end``); for ``self_guided`` where the guide's weight reaches 0 and the
+    guide is freed. Default 0.75 for ``gmp``, 1.0 for ``nm``, 0.5 for ``self_guided``."""
     mask_decay: Literal["none", "linear", "exp"] = "none"
     """``nm``: MDGF: pruned weights are applied times ``a(t)``, ``max(0, 1 - coef * (t - t0))`` (linear) or
     ``exp(-coef * (t - t0))`` (exp) from the first sparse step ``t0``; ``none``: ``a = 0``."""
     decay_coef: float | None = None
     """``nm``: the per-step coefficient of ``mask_decay``; default: ``1 / (t1 - t0)`` for linear (``a`` reaches 0
     at ``end``), ``5 / (t1 - t0)`` for exp."""
+    guide_decay: Literal["cosine", "linear"] = "cosine"
+    """``self_guided``: the guide's weight ``a`` from 1 to 0 over [start, end]: ``(1 + cos(pi r)) / 2`` or
+    ``1 - r``, ``r`` the elapsed fraction of the window."""
+    stochastic: bool = False
+    """``self_guided``: the reduced-FLOP mode: each step the guide runs with probability ``a`` (mixed in as
+    above), otherwise the structured path alone."""
     structure_decay: bool = False
     """``nm``: SDGF: the pattern decays from ``(m-1):m`` through ``m/2^i:m`` in equal frames over
     [start, end) and is ``n:m`` from ``end`` (so ``end`` < 1)."""
@@ -332,6 +341,8 @@ class Config:
                 raise ConfigError(f"{at}.decay_coef={rule.decay_coef} must be positive")
             if rule.method != "nm" and (rule.mask_decay != "none" or rule.structure_decay):
                 raise ConfigError(f"{at}: mask_decay and structure_decay belong to method nm, not {rule.method}")
+            if rule.method != "self_guided" and rule.stochastic:
+                raise ConfigError(f"{at}.stochastic belongs to method self_guided, not {rule.method}")
             if rule.structure_decay and rule.end >= 1.0:
                 raise ConfigError(f"{at}.structure_decay reaches the final n:m at end={rule.end}; set end < 1 "
                                   "(the fraction after it trains the fixed n:m mask)")
@@ -345,6 +356,11 @@ class Config:
 
     def _check_rule_applies(self, at: str, rule: SparsityRule, proj: str) -> None:
         spec = self.model.spec_for(proj)
+        if rule.method == "self_guided":
+            if spec.kind == "dense":
+                raise ConfigError(f"{at}: method self_guided guides structured projections with a dense path; "
+                                  f"the {proj} projections are already dense")
+            return
         if rule.method == "nm":
             if spec.kind != "nm":
                 raise ConfigError(f"{at}: method nm schedules nm projections; the {proj} projections are "
@@ -359,7 +375,7 @@ class Config:
             raise ConfigError(f"{at}.block_size is required for granularity block on dense projections")
 
 
-METHOD_WINDOWS = {"gmp": (0.25, 0.75), "nm": (0.0, 1.0)}
+METHOD_WINDOWS = {"gmp": (0.25, 0.75), "nm": (0.0, 1.0), "self_guided": (0.0, 0.5)}
 """Default ``(start, end)`` of each sparsity method."""
 
 

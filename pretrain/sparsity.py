@@ -36,6 +36,7 @@ dense-to-structured conversion and block-size search.
 """
 
 import math
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -91,6 +92,29 @@ def nm_phase(rule: SparsityRule, steps: int, step: int, n: int, m: int) -> tuple
     return False, n_now, a, False
 
 
+def guide_scale(rule: SparsityRule, steps: int, step: int) -> float:
+    """The guide's weight ``a`` of a ``self_guided`` rule at ``step``: 1 before ``t0``, 0 from ``t1``."""
+    t0, t1 = boundaries(rule, steps)
+    if step < t0:
+        return 1.0
+    if step >= t1:
+        return 0.0
+    r = (step - t0) / (t1 - t0)
+    return 0.5 * (1.0 + math.cos(math.pi * r)) if rule.guide_decay == "cosine" else 1.0 - r
+
+
+def guide_draw(seed: int, step: int, name: str) -> float:
+    """A uniform number in [0, 1) fixed by (seed, step, layer): every rank of the layer, any micro-batching and
+    any resume draw the same one."""
+    return zlib.crc32(f"{seed}/{step}/{name}".encode()) / 2**32
+
+
+def guides_done(layers: dict[str, StructuredLinear], rules: list[SparsityRule], steps: int, step: int) -> list[str]:
+    """Names of the layers whose ``self_guided`` rule has ended by ``step`` and that still hold their guide."""
+    return [name for rule in rules if rule.method == "self_guided" and step >= boundaries(rule, steps)[1]
+            for name, layer in selected(layers, rule).items() if layer.guide is not None]
+
+
 def slot_of(name: str) -> str:
     """``layers.3.mlp.up`` -> ``up``."""
     return name.rsplit(".", 1)[-1]
@@ -109,6 +133,8 @@ def enable_pruning(layers: dict[str, StructuredLinear], rules: list[SparsityRule
             try:
                 if rule.method == "nm":
                     layer.enable_schedule(freeze=rule.end < 1.0)
+                elif rule.method == "self_guided":
+                    layer.enable_guide()
                 else:
                     layer.enable_pruning(rule.granularity, rule.block_size)
             except StructureError as e:
@@ -143,12 +169,15 @@ class SparsitySchedule:
 
     def __init__(self, rules: list[SparsityRule], steps: int, layers: dict[str, StructuredLinear],
                  tp_group: ProcessGroup | None, pp_group: ProcessGroup | None, params: int, forward_flops: int,
-                 tokens_per_step: int):
+                 tokens_per_step: int, seed: int = 0):
         self.rules, self.steps = rules, steps
         self.tp_group, self.pp_group = tp_group, pp_group
         self.dense_params, self.forward_flops, self.tokens_per_step = params, forward_flops, tokens_per_step
+        self.seed, self.layers = seed, layers
         self.selected = [selected(layers, r) for r in rules]
         for i, (rule, sel) in enumerate(zip(rules, self.selected)):
+            if rule.method == "self_guided":
+                continue
             sizes = {m.prune_units()[2] for m in sel.values()}
             sizes = set().union(*[s for s in _gather_pp(sizes, pp_group)])
             if rule.scope == "global" and len(sizes) > 1:
@@ -157,15 +186,15 @@ class SparsitySchedule:
         # ``params`` and ``forward_flops`` count each projection at its structure's own size; a schedule moves
         # the nm ones through denser phases, so the accounting starts from every scheduled unit kept.
         extra = torch.zeros(1, dtype=torch.float64)
-        for sel in self.selected:
-            for m in sel.values():
-                _, units, size = m.prune_units()
-                extra += units * size - m.num_params()
+        for m in self._pruned_layers():
+            _, units, size = m.prune_units()
+            extra += units * size - m.num_params()
         extra = float(_all_reduce(extra, tp_group, pp_group))
         self.dense_params, self.forward_flops = params + extra, forward_flops + 2 * extra
         self.phases: dict[str, int] = {}
         """Kept weights of each ``nm`` layer at the last step (to report densities when they change)."""
         self.nm_scale: float | None = None
+        self.guide_weight: float | None = None
         self._read_phases()
         self.param_steps = 0.0
         """Sum over completed steps of the effective parameter count (for the average)."""
@@ -179,6 +208,9 @@ class SparsitySchedule:
         forward, on every rank); returns per-projection densities when something changed."""
         changed = False
         for rule, sel in zip(self.rules, self.selected):
+            if rule.method == "self_guided":
+                changed |= self._set_guides(rule, sel, step)
+                continue
             if rule.method == "nm":
                 changed |= self._set_nm_phases(rule, sel, step)
                 continue
@@ -218,6 +250,35 @@ class SparsitySchedule:
             self.nm_scale = a
         return changed
 
+    def _set_guides(self, rule: SparsityRule, sel: dict[str, StructuredLinear], step: int) -> bool:
+        """Set this step's guide weight (and, in the stochastic mode, whether each guide runs); True when the
+        applied guide parameters changed."""
+        a = guide_scale(rule, self.steps, step)
+        changed = a != self.guide_weight
+        self.guide_weight = a
+        for name, layer in sel.items():
+            if layer.guide is None:
+                continue
+            on = a > 0 and (not rule.stochastic or guide_draw(self.seed, step, name) < a)
+            changed |= bool(layer.guide_state[1]) != on
+            layer.set_guide(a, on)
+        return changed
+
+    def guides_done(self, step: int) -> list[str]:
+        """Names of this rank's layers whose guide has weight 0 from ``step`` on and is still held (to free)."""
+        return guides_done(self.layers, self.rules, self.steps, step)
+
+    def _pruned_layers(self):
+        """The layers of the ``gmp`` and ``nm`` rules (which report ``prune_units``)."""
+        for rule, sel in zip(self.rules, self.selected):
+            if rule.method != "self_guided":
+                yield from sel.values()
+
+    def _guided_layers(self):
+        for rule, sel in zip(self.rules, self.selected):
+            if rule.method == "self_guided":
+                yield from sel.values()
+
     def _read_phases(self) -> None:
         """Take the ``nm`` layers' phases as they are (built, or loaded from a checkpoint)."""
         for rule, sel in zip(self.rules, self.selected):
@@ -225,22 +286,30 @@ class SparsitySchedule:
                 for name, layer in sel.items():
                     self.phases[name] = layer.prune_units()[0]
                     self.nm_scale = layer.phase()[2]
+            elif rule.method == "self_guided":
+                for layer in sel.values():
+                    if layer.guide is not None:
+                        self.guide_weight = float(layer.guide_state[0])
 
     def _count(self) -> dict[str, float]:
         """Kept and total prunable parameters over all rules (all ranks), and the effective parameter count."""
-        local = torch.zeros(2, dtype=torch.float64)
-        for sel in self.selected:
-            for m in sel.values():
-                kept, units, size = m.prune_units()
-                local += torch.tensor([kept * size, units * size], dtype=torch.float64)
+        local = torch.zeros(4, dtype=torch.float64)
+        for m in self._pruned_layers():
+            kept, units, size = m.prune_units()
+            local[:2] += torch.tensor([kept * size, units * size], dtype=torch.float64)
+        for m in self._guided_layers():
+            if m.guide is not None and float(m.guide_state[0]) > 0:
+                local[2] += m.guide.numel()
+                local[3] += m.guide.numel() * float(m.guide_state[1])
         _all_reduce(local, self.tp_group, self.pp_group)
-        kept, total = local.tolist()
-        return {"kept": kept, "total": total, "params": self.dense_params - (total - kept)}
+        kept, total, guides, running = local.tolist()
+        return {"kept": kept, "total": total, "guides": guides, "running": running,
+                "params": self.dense_params - (total - kept) + guides}
 
     def _per_projection(self) -> dict[str, float]:
         mine = {}
-        for sel in self.selected:
-            for n, m in sel.items():
+        for rule, sel in zip(self.rules, self.selected):
+            for n, m in sel.items() if rule.method != "self_guided" else ():
                 kept, units, _ = m.prune_units()
                 mine[n] = torch.tensor([kept, units], dtype=torch.float64)
         names = sorted(mine)
@@ -255,9 +324,10 @@ class SparsitySchedule:
     # -- accounting ---------------------------------------------------------------------------------
     def account_step(self) -> None:
         """Count one completed optimizer step at the current density."""
-        pruned = self.current["total"] - self.current["kept"]
-        self.param_steps += self.current["params"]
-        self.flops_spent += 3.0 * (self.forward_flops - 2.0 * pruned) * self.tokens_per_step
+        c = self.current
+        pruned = c["total"] - c["kept"]
+        self.param_steps += c["params"]
+        self.flops_spent += 3.0 * (self.forward_flops - 2.0 * pruned + 2.0 * c["running"]) * self.tokens_per_step
         self.steps_done += 1
 
     def metrics(self) -> dict[str, float]:
@@ -268,6 +338,9 @@ class SparsitySchedule:
             out["sparsity/density"] = c["kept"] / c["total"]
         if self.nm_scale is not None:
             out["sparsity/nm_pruned_scale"] = self.nm_scale
+        if self.guide_weight is not None:
+            out["sparsity/guide_scale"] = self.guide_weight
+            out["sparsity/guide_params"] = c["guides"]
         return out
 
     def state_dict(self) -> dict:
@@ -295,6 +368,10 @@ def describe(rules: list[SparsityRule], steps: int) -> str:
     parts = []
     for i, r in enumerate(rules):
         t0, t1 = boundaries(r, steps)
+        if r.method == "self_guided":
+            parts.append(f"rules[{i}]: self_guided {r.select}: dense guide weight 1 to step {t0}, {r.guide_decay} "
+                         f"to 0 at step {t1} (then freed)" + (", stochastic" if r.stochastic else ""))
+            continue
         if r.method == "nm":
             flow = [f"mask decay {r.mask_decay}"] + (["structure decay"] if r.structure_decay else [])
             parts.append(f"rules[{i}]: nm {r.select}: dense to step {t0}, then {', '.join(flow)}"
@@ -306,4 +383,4 @@ def describe(rules: list[SparsityRule], steps: int) -> str:
 
 
 __all__ = ["SparsitySchedule", "boundaries", "describe", "enable_pruning", "gmp_density", "is_update_step",
-           "kth_largest_bits", "nm_phase"]
+           "guide_draw", "guide_scale", "guides_done", "kth_largest_bits", "nm_phase"]

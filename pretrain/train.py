@@ -121,7 +121,7 @@ class Trainer:
         if cfg.sparsity.rules:
             self.sparsity = SparsitySchedule(cfg.sparsity.rules, t.steps, self.model.structured_layers(),
                                              self.model.tp_group, self.model.pp_group, self.full_params,
-                                             self.flops["forward"], t.global_batch * cfg.data.seq_len)
+                                             self.flops["forward"], t.global_batch * cfg.data.seq_len, t.seed)
         self.ckpt = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep)
         self.progress = Progress()
         view = GlobalView(self.dims.submesh("tp"))
@@ -178,10 +178,27 @@ class Trainer:
             self._check_optimizer_checkpoint(meta, path)
         else:
             del parts["optim"]
+        if self.sparsity is not None:  # guides already freed when the checkpoint was written
+            self._free_guides(self.sparsity.guides_done(int(meta["step"])))
+            parts.update({k: self.state[k] for k in parts if k in ("model", "optim")})
         self.ckpt.load(path, parts)
         if self.rank == 0:
             print(f"resumed from {path} at step {self.step} ({self.consumed:,} samples consumed; written at "
                   f"{meta.get('topology', {})})", file=sys.stderr)
+
+    def _free_guides(self, names: list[str]) -> None:
+        """Drop the self-guided dense paths of ``names`` (their weight reached 0): from the layers, the optimizer
+        and the checkpointed state, so later checkpoints no longer hold them."""
+        if not names:
+            return
+        layers = self.model.structured_layers()
+        for name in names:
+            layers[name].free_guide()
+        self.optimizer.forget([f"{name}.guide" for name in names])
+        self.model.refresh_parameters()
+        view = GlobalView(self.dims.submesh("tp"))
+        self.state["model"] = ModelState(self.model.named_tensors(), self.model.placements, view)
+        self.state["optim"] = OptimizerState(self.optimizer, self.model.placements, view)
 
     def _check_optimizer_checkpoint(self, meta: dict, path: Path) -> None:
         """Refuse optimizer state that cannot load into this run, before any collective starts."""
@@ -199,7 +216,10 @@ class Trainer:
     # -- pieces of the loop ---------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over ``global_batch`` sequences; returns (global mean loss, grad norm)."""
-        self.sparse_update = self.sparsity.update(self.step) if self.sparsity is not None else {}
+        self.sparse_update = {}
+        if self.sparsity is not None:
+            self.sparse_update = self.sparsity.update(self.step)
+            self._free_guides(self.sparsity.guides_done(self.step))
         start = self.progress.consumed_samples + self.model.dp_rank * self.local_batch
         x, y = self.corpus.train.batch(start, self.local_batch)
         local = self.model.forward_backward(x, y, self.autocast)

@@ -4,7 +4,8 @@ Usage:
     python tools/convert_to_hf.py --checkpoint runs/tiny-cpu/checkpoints --out runs/tiny-cpu/hf
     python tools/convert_to_hf.py --checkpoint runs/tiny-cpu/checkpoints/step_000300 --out hf/ --overwrite
 
-Every structured projection is written as its exact dense matrix (``to_dense``), so the result loads in
+Every structured projection is written as its exact dense matrix (``applied_dense``: ``to_dense``, mixed with
+a self-guided dense path while one is live), so the result loads in
 vanilla ``transformers`` with no remote code. The sentencepiece tokenizer the model was trained with is
 exported beside it. Before anything is moved into ``--out``, the exported model is reloaded with
 ``AutoModelForCausalLM`` and its logits are compared with ours on a sample batch; a mismatch aborts.
@@ -34,7 +35,7 @@ def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     for i, block in model.layers.items():
         pre = f"model.layers.{i}"
         for name, _, layer in block.projections():
-            sd[f"{pre}.{HF_GROUPS[SLOTS[name].group]}.{name}_proj.weight"] = layer.to_dense()
+            sd[f"{pre}.{HF_GROUPS[SLOTS[name].group]}.{name}_proj.weight"] = layer.applied_dense()
         sd[f"{pre}.input_layernorm.weight"] = block.attn_norm.weight
         sd[f"{pre}.post_attention_layernorm.weight"] = block.mlp_norm.weight
     if not model.cfg.tie_embeddings:

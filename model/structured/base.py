@@ -122,6 +122,9 @@ class StructuredLinear(nn.Module, abc.ABC):
         self.in_features = in_features
         self.out_features = out_features
         self._comm: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self.register_parameter("guide", None)  # self-guided training's dense path (enable_guide)
+        self.register_buffer("guide_state", None)
+        self._guide_comm: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
 
     def _at(self, point: str, t: torch.Tensor) -> torch.Tensor:
         """Apply the communication a tensor-parallel shard placed at ``point`` of the forward (else identity)."""
@@ -170,6 +173,51 @@ class StructuredLinear(nn.Module, abc.ABC):
         for name, d in dims.items():
             if d % tp_size:
                 raise StructureError(f"{cls.name}: {name}={d} does not split over parallel.tp={tp_size}")
+
+    # -- self-guided training (Building on Efficient Foundations; sparsity.rules method self_guided) ---------
+    def enable_guide(self) -> None:
+        """Add a dense guide ``G`` initialised to ``to_dense()`` (on the full layer, before tensor parallelism).
+        The layer then applies ``a G x + (1 - a) S x`` with ``a, on = guide_state`` (``on``: the guide runs
+        this step; in eval the mix runs whenever ``a > 0``)."""
+        if self.guide is not None:
+            return
+        with torch.no_grad():
+            self.guide = nn.Parameter(self.to_dense().detach().clone())
+        self.register_buffer("guide_state", torch.tensor([1.0, 1.0], dtype=torch.float64))
+        self.register_forward_hook(_mix_guide)
+
+    def set_guide(self, scale: float, on: bool) -> None:
+        with torch.no_grad():
+            self.guide_state.copy_(torch.tensor([scale, float(on)], dtype=torch.float64))
+
+    def free_guide(self) -> None:
+        """Drop the guide (its schedule reached 0): it leaves the parameters and later checkpoints."""
+        self.register_parameter("guide", None)
+        self.register_buffer("guide_state", None)
+
+    def applied_dense(self) -> torch.Tensor:
+        """The ``[out, in]`` matrix the layer applies in eval: ``to_dense()``, mixed with a live guide."""
+        w = self.to_dense()
+        if self.guide is None:
+            return w
+        a = float(self.guide_state[0])
+        return a * self.guide + (1.0 - a) * w if a > 0 else w
+
+    def _guide_shard(self, local: "StructuredLinear", tp_rank: int, tp_size: int, style: Style,
+                     comm: TensorParallelComm) -> dict[str, int | None]:
+        """Split the guide like a dense projection of ``style`` into ``local``; its placements."""
+        if self.guide is None:
+            return {}
+        dim = 0 if style == "column" else 1
+        local.guide = nn.Parameter(split(self.guide.detach(), dim, tp_rank, tp_size).clone())
+        local._guide_comm = {"in": comm.copy} if style == "column" else {"out": comm.reduce}
+        return {"guide": dim, "guide_state": None}
+
+    def shard_all(self, tp_rank: int, tp_size: int, style: Style, comm: TensorParallelComm) -> LayerShard:
+        """``shard()`` plus what the base class adds to every structure (the self-guided dense path)."""
+        shard = self.shard(tp_rank, tp_size, style, comm)
+        shard.placements.update(self._guide_shard(shard.layer, tp_rank, tp_size, style, comm))
+        return shard
 
     def enable_pruning(self, granularity: str, block_size: int | None) -> None:
         """Give the layer a magnitude-prunable mask (before tensor-parallel sharding); structures that support
@@ -287,6 +335,20 @@ class BlockMasked:
     def kept_params(self) -> int:
         """Weights the mask keeps."""
         return int(self.mask.sum()) * self.mask_block**2
+
+
+def _mix_guide(layer: StructuredLinear, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    """Forward hook of a guided layer: ``a G x + (1 - a) S x`` when the guide runs, else ``S x``."""
+    if layer.guide is None:
+        return out
+    a, on = layer.guide_state.tolist()
+    if a <= 0 or not (on or not layer.training):
+        return out
+    x = args[0]
+    hook_in, hook_out = layer._guide_comm.get("in"), layer._guide_comm.get("out")
+    g = F.linear(hook_in(x) if hook_in else x, layer.guide)
+    g = hook_out(g) if hook_out else g
+    return a * g + (1.0 - a) * out
 
 
 def block_energy(w: torch.Tensor, bs: int) -> torch.Tensor:

@@ -102,6 +102,22 @@ class BlockOptimizer(torch.optim.Optimizer, abc.ABC):
         return sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values()
                    if torch.is_tensor(t))
 
+    def forget(self, names: list[str]) -> None:
+        """Drop the parameters ``names`` (and their state) for good; the other blocks keep their owners."""
+        gone = set(names)
+        for group in self.param_groups:
+            kept = []
+            for p in group["params"]:
+                if self.names.get(id(p)) in gone:
+                    self.state.pop(p, None)
+                    del self.names[id(p)]
+                else:
+                    kept.append(p)
+            group["params"] = kept
+        for name in gone:
+            self.sizes.pop(name, None)
+            self.owners.pop(name, None)
+
     # -- the step ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):

@@ -8,7 +8,15 @@ import torch
 
 from pretrain.config import ConfigError, SparsityRule, load_config
 from pretrain.metrics import read_metrics
-from pretrain.sparsity import boundaries, gmp_density, is_update_step, kth_largest_bits, nm_phase
+from pretrain.sparsity import (
+    boundaries,
+    gmp_density,
+    guide_draw,
+    guide_scale,
+    is_update_step,
+    kth_largest_bits,
+    nm_phase,
+)
 from pretrain.train import main
 from tests.conftest import RECIPE, cli, tiny_overrides
 
@@ -103,11 +111,14 @@ def test_resume_mid_schedule_gives_identical_losses_and_masks(gmp_args, tmp_path
         ("[{start: 0.5, end: 0.5}]", r"start=0.5 and end=0.5 need 0 <= start < end <= 1"),
         ("[{select: ffn}]", r"sparsity.rules\[0\].select='ffn'; allowed:"),
         ("[{select: mlp}, {select: up}]", r"rules\[1\].select='up' selects the up projections, already"),
-        ("[{method: magic}]", r"sparsity.rules\[0\].method='magic' is not allowed; allowed: \['gmp', 'nm'\]"),
+        ("[{method: magic}]", r"rules\[0\].method='magic' is not allowed; allowed: \['gmp', 'nm', 'self_guided'\]"),
         ("[{method: nm}]", r"rules\[0\]: method nm schedules nm projections; the q projections are dense"),
         ("[{mask_decay: exp}]", r"rules\[0\]: mask_decay and structure_decay belong to method nm, not gmp"),
         ("[{method: nm, select: mlp, structure_decay: true}]", r"rules\[0\].structure_decay reaches the final n:m"),
         ("[{method: nm, select: mlp, mask_decay: linear, decay_coef: -1}]", r"decay_coef=-1.0 must be positive"),
+        ("[{method: self_guided}]", r"rules\[0\]: method self_guided guides structured projections with a dense "
+                                    r"path; the q projections are already dense"),
+        ("[{stochastic: true}]", r"rules\[0\].stochastic belongs to method self_guided, not gmp"),
         ("[{granularity: block}]", r"block_size is required for granularity block"),
         ("[{granularity: block, block_size: 5}]", r"dense.block_size=5 must divide"),
         ("[{interval: 0}]", r"interval=0 must be a positive integer"),
@@ -177,3 +188,73 @@ def test_nm_schedule_runs_its_phases_resumes_exactly_and_freezes_the_mask(tiny_s
             assert torch.equal(layer.frozen_mask, other.frozen_mask)
             assert int(layer.frozen_mask.sum()) * 8 == layer.frozen_mask.numel()
             assert torch.equal(layer.to_dense(), layer.weight * layer.frozen_mask)
+
+
+def test_guide_weight_follows_cosine_and_linear_decay():
+    cos = SparsityRule(method="self_guided", start=0.1, end=0.5)
+    lin = SparsityRule(method="self_guided", start=0.0, end=0.5, guide_decay="linear")
+    assert [guide_scale(cos, 100, s) for s in (0, 10, 30, 50, 99)] == pytest.approx([1, 1, 0.5, 0, 0])
+    assert guide_scale(cos, 100, 20) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert [guide_scale(lin, 100, s) for s in (0, 10, 25, 50)] == pytest.approx([1, 0.8, 0.5, 0])
+    draws = [guide_draw(0, s, "layers.0.mlp.up") for s in range(2000)]
+    assert draws == [guide_draw(0, s, "layers.0.mlp.up") for s in range(2000)]  # a pure function
+    assert 0.45 < sum(draws) / len(draws) < 0.55 and min(draws) >= 0 and max(draws) < 1
+    assert guide_draw(0, 5, "layers.0.mlp.up") != guide_draw(0, 5, "layers.1.mlp.up")
+
+
+GUIDED = {"model.structure": "{default: {kind: dense}, mlp: {kind: lowrank, rank: 8}}", "train.steps": 20,
+          "checkpoint.interval": 4, "checkpoint.keep": 0,
+          "sparsity.rules": "[{method: self_guided, select: mlp, start: 0.1, end: 0.5, stochastic: true}]"}
+
+
+def test_self_guided_mixes_then_frees_the_guide_and_resumes_exactly(tiny_store, tmp_path):
+    """Guide weight 1 to step 2, cosine to 0 at step 10, where the guides are freed; stopped at step 12 (after
+    the free) and resumed: the same losses as straight through, and checkpoints hold guides only while live."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(cli(tiny_overrides(tiny_store, straight, **GUIDED))) == 0
+    assert main(cli(tiny_overrides(tiny_store, split, **GUIDED, **{"train.exit_after_steps": 12}))) == 0
+    assert main([*cli(tiny_overrides(tiny_store, split, **GUIDED)), "--resume", "auto"]) == 0
+    a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(split / "metrics.jsonl")
+    rule = SparsityRule(method="self_guided", start=0.1, end=0.5)
+    for s in range(1, 21):
+        assert a[s]["train/loss"] == b[s]["train/loss"], s
+        assert a[s]["sparsity/guide_scale"] == pytest.approx(guide_scale(rule, 20, s - 1)), s
+    guides = 3 * 64 * 192 * 2  # gate, up, down per layer
+    assert a[10]["sparsity/params"] - a[11]["sparsity/params"] == guides == a[10]["sparsity/guide_params"]
+    assert a[11]["sparsity/guide_params"] == 0
+    from pretrain.checkpoint import load_model
+
+    live, _, _ = load_model(straight / "checkpoints" / "step_000008")
+    held = [k for k in live.state_dict() if k.endswith(".guide")]
+    assert len(held) == 6
+    freed, _, _ = load_model(straight / "checkpoints" / "step_000012")
+    assert not [k for k in freed.state_dict() if "guide" in k]
+    for layer in live.structured_layers().values():  # eval applies a G + (1 - a) S while a > 0
+        if layer.guide is not None:
+            a8 = guide_scale(rule, 20, 7)
+            torch.testing.assert_close(layer.applied_dense(), a8 * layer.guide + (1 - a8) * layer.to_dense())
+            x = torch.randn(3, layer.in_features)
+            torch.testing.assert_close(layer(x), x @ layer.applied_dense().t(), rtol=1e-5, atol=1e-6)
+
+
+def test_guide_starts_equal_to_its_structured_layer():
+    from model.config import StructureSpec
+    from model.structured import build_linear
+
+    layer = build_linear(StructureSpec("monarch", blocks=4), 32, 48)
+    layer.reset_parameters(0.02, torch.Generator().manual_seed(0))
+    x = torch.randn(5, 32)
+    before = layer(x)
+    layer.enable_guide()
+    torch.testing.assert_close(layer(x), before)  # G = to_dense() at a = 1
+    assert layer.guide.shape == (48, 32) and layer.num_params() == 4 * (32 + 48)  # the structure's own count
+    layer.set_guide(0.25, True)
+    torch.testing.assert_close(layer(x), before)  # still equal: G has not moved
+    with torch.no_grad():
+        layer.guide.zero_()
+    torch.testing.assert_close(layer(x), 0.75 * before)
+    layer.set_guide(0.25, False)  # the stochastic mode's off step: the structured path alone
+    torch.testing.assert_close(layer(x), before)
+    layer.free_guide()
+    assert layer.guide is None and "guide" not in dict(layer.named_parameters())
+    torch.testing.assert_close(layer(x), before)
