@@ -53,7 +53,7 @@ def test_bench_sparsity_prints_the_schedule_table_and_a_verdict(tiny_store, tmp_
     out = capsys.readouterr().out
     rows = _rows(out)
     assert set(rows) == {"dense", "static", "gmp-early", "gmp-25-75", "gmp-late", "nm-ste", "nm-srste", "nm-mdgf",
-                         "nm-sdgf"}
+                         "nm-sdgf", "lowrank", "lowrank-guided", "lowrank-guided-stochastic"}
     gmp = ("static", "gmp-early", "gmp-25-75", "gmp-late")
     assert rows["dense"][0] == "1.000" and all(abs(float(rows[n][0]) - 0.5) < 0.01 for n in gmp)
     assert float(rows["static"][3]) < float(rows["gmp-late"][3]) < 1.0  # average parameters: late prunes last
@@ -63,6 +63,10 @@ def test_bench_sparsity_prints_the_schedule_table_and_a_verdict(tiny_store, tmp_
     assert all(rows[n][0] == "0.500" for n in ("nm-ste", "nm-srste", "nm-mdgf", "nm-sdgf"))
     assert rows["nm-ste"][3] == rows["nm-srste"][3] < rows["nm-sdgf"][3] and rows["nm-ste"][3] < rows["nm-mdgf"][3]
     assert out.count("ends below plain STE for 2:4") == 3
+    # the guide adds a dense matrix per projection for the first half: more average parameters and FLOPs
+    assert float(rows["lowrank"][5]) < float(rows["lowrank-guided-stochastic"][5]) <= float(rows["lowrank-guided"][5])
+    assert float(rows["lowrank"][3]) < float(rows["lowrank-guided"][3]) and rows["lowrank"][1] == rows["lowrank-guided"][1]
+    assert out.count("ends below plain low-rank at equal steps") == 2
     assert bench_sparsity.main(["--target", "0"]) == 2
 
 
