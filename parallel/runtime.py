@@ -5,9 +5,12 @@ initialised GPT (TorchTitan's order). Every rank builds the same full model from
 topology starts from the same weights.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
+from model.config import SLOTS
 from model.gpt import GPT
 from model.structured import StructuredLinear
 from parallel.comm import CommStats, GroupComm
@@ -68,6 +71,35 @@ class ParallelModel:
     def refresh_parameters(self) -> None:
         """Take the stages' parameters anew (after a layer dropped one, e.g. a freed self-guided path)."""
         self._params = dict(self.named_parameters())
+
+    def restructure(self, name: str, build: Callable[[torch.Tensor], StructuredLinear]) -> StructuredLinear:
+        """Replace projection ``name`` (held by this rank) by ``build(W)``, ``W`` its full ``[out, in]`` matrix
+        (gathered over tensor-parallel ranks, so every rank builds the same layer), sharded like the old one.
+        Collective over tp. Returns the full new layer (it carries ``projection_error``)."""
+        stage = next(m for m in self.stages.values() if name in m.structured_layers())
+        parent_name, slot = name.rsplit(".", 1)
+        parent = stage.get_submodule(parent_name)
+        style = SLOTS[slot].style
+        w = getattr(parent, slot).to_dense().detach().contiguous()
+        if self.tp_comm is not None:
+            parts = [torch.empty_like(w) for _ in range(self.dims.tp)]
+            dist.all_gather(parts, w, group=self.tp_group)
+            w = torch.cat(parts, 0 if style == "column" else 1)
+        full = build(w)
+        for key in [k for k in self.placements if k.startswith(f"{name}.")]:
+            del self.placements[key]
+        self.partial = {k for k in self.partial if not k.startswith(f"{name}.")}
+        layer = full
+        if self.tp_comm is not None:
+            shard = full.shard_all(self.tp_comm.rank, self.tp_comm.size, style, self.tp_comm)
+            layer = shard.layer
+            self.placements.update({f"{name}.{k}": v for k, v in shard.placements.items()})
+            self.partial.update(f"{name}.{k}" for k in shard.partial_grads)
+        for key, _ in [*layer.named_parameters(), *layer.named_buffers()]:
+            self.placements.setdefault(f"{name}.{key}", None)
+        setattr(parent, slot, layer.to(self.device))
+        self._params = dict(self.named_parameters())
+        return full
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """Parameters and persistent buffers of this rank's stages, by global name."""

@@ -506,18 +506,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     ``(model, config, step_dir)``."""
     from model.gpt import GPT
     from pretrain.config import Config, from_dict
+    from pretrain.sparsity import dense_first, enable_pruning, guides_done
 
     step_dir, meta = load_verified(path)
     cfg = from_dict(Config, meta["config"])
-    with torch.device("meta"):
-        model = GPT(cfg.model)
+    step = int(meta["step"])
+    with torch.device("meta"):  # dense_to_structured projections are still dense before their conversion
+        model = GPT(dense_first(cfg.model, cfg.sparsity.rules, cfg.train.steps, step))
     model.to_empty(device=device)
     model.init_weights(0)  # also rebuilds the non-persistent RoPE tables; every weight is then loaded
-    from pretrain.sparsity import enable_pruning, guides_done
-
     layers = model.structured_layers()
     enable_pruning(layers, cfg.sparsity.rules)  # the masks (and live self-guided paths) the run trained under
-    for name in guides_done(layers, cfg.sparsity.rules, cfg.train.steps, int(meta["step"])):
+    for name in guides_done(layers, cfg.sparsity.rules, cfg.train.steps, step):
         layers[name].free_guide()
     Checkpointer.load(step_dir, {"model": ModelState(model.state_dict(keep_vars=True), {}, GlobalView(None))})
     return model.eval(), cfg, step_dir

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
-from model.config import PROJECTIONS, STRUCTURE_KEYS, ModelConfig, StructureSpec, key_covers
+from model.config import PROJECTIONS, SLOTS, STRUCTURE_KEYS, ModelConfig, StructureSpec, key_covers
 from model.structured import REGISTRY, StructureError, spec_params, structure_class
 
 
@@ -186,17 +186,19 @@ class SparsityRule:
     select: str = "default"
     """Projections it applies to: the keys of ``model.structure`` (``default``, ``attn``, ``mlp``, ``q`` ...
     ``down``)."""
-    method: Literal["gmp", "nm", "self_guided"] = "gmp"
+    method: Literal["gmp", "nm", "self_guided", "dense_to_structured"] = "gmp"
     """``gmp``: gradual magnitude pruning (Zhu and Gupta, 2017) on the cubic schedule. ``nm``: the schedule of
     ``nm`` projections (their spec's ``n:m`` is the final pattern): dense warm-up, then SR-STE and optional
     progressive gradient flow (MDGF ``mask_decay``, SDGF ``structure_decay``), then a fixed mask.
     ``self_guided``: a dense guide mixed into a structured projection, decaying from 1 at ``start`` to 0 at
-    ``end`` (then freed)."""
+    ``end`` (then freed). ``dense_to_structured``: the projections train dense until ``start``, are then
+    replaced by their ``model.structure`` through ``from_dense`` (optimizer state restarted) and continue."""
     target: float = 0.5
     """``gmp``: final density (kept fraction of the pruned units), in (0, 1]."""
     start: float | None = None
     """Fraction of ``train.steps`` where pruning starts (dense until then); default 0.25 for ``gmp``, 0.0 for
-    ``nm`` (its dense warm-up) and ``self_guided`` (the guide's weight starts to decay)."""
+    ``nm`` (its dense warm-up) and ``self_guided`` (the guide's weight starts to decay); for
+    ``dense_to_structured`` the conversion step (default 0.5)."""
     end: float | None = None
     """Fraction of ``train.steps`` where ``gmp`` reaches ``target``; for ``nm`` where the mask is frozen (the
     final fixed-mask fraction is ``1 - end``); for ``self_guided`` where the guide's weight reaches 0 and the
@@ -356,10 +358,12 @@ class Config:
 
     def _check_rule_applies(self, at: str, rule: SparsityRule, proj: str) -> None:
         spec = self.model.spec_for(proj)
-        if rule.method == "self_guided":
+        if rule.method in ("self_guided", "dense_to_structured"):
             if spec.kind == "dense":
-                raise ConfigError(f"{at}: method self_guided guides structured projections with a dense path; "
-                                  f"the {proj} projections are already dense")
+                what = ("guides structured projections with a dense path" if rule.method == "self_guided" else
+                        "converts dense projections to their model.structure")
+                raise ConfigError(f"{at}: method {rule.method} {what}; the {proj} projections are dense (set "
+                                  f"model.structure.{proj} or .{SLOTS[proj].group} to a structure)")
             return
         if rule.method == "nm":
             if spec.kind != "nm":
@@ -375,7 +379,7 @@ class Config:
             raise ConfigError(f"{at}.block_size is required for granularity block on dense projections")
 
 
-METHOD_WINDOWS = {"gmp": (0.25, 0.75), "nm": (0.0, 1.0), "self_guided": (0.0, 0.5)}
+METHOD_WINDOWS = {"gmp": (0.25, 0.75), "nm": (0.0, 1.0), "self_guided": (0.0, 0.5), "dense_to_structured": (0.5, 1.0)}
 """Default ``(start, end)`` of each sparsity method."""
 
 

@@ -35,6 +35,7 @@ accumulators are this object's ``state_dict``. Not built yet (issue 10): self-gu
 dense-to-structured conversion and block-size search.
 """
 
+import dataclasses
 import math
 import zlib
 
@@ -42,11 +43,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from model.config import key_covers
+from model.config import PROJECTIONS, ModelConfig, StructureSpec, key_covers
 from model.structured import StructuredLinear, StructureError
 from pretrain.config import ConfigError, SparsityRule
 
 BISECT_ROUNDS = 31
+PRUNING = ("gmp", "nm")
+"""Methods that mask weights (their layers report ``prune_units``)."""
 FLOAT_INF_BITS = 0x7F800000
 
 
@@ -115,6 +118,38 @@ def guides_done(layers: dict[str, StructuredLinear], rules: list[SparsityRule], 
             for name, layer in selected(layers, rule).items() if layer.guide is not None]
 
 
+def dense_first(model: ModelConfig, rules: list[SparsityRule], steps: int, step: int) -> ModelConfig:
+    """``model`` with the projections of every ``dense_to_structured`` rule not yet converted in a checkpoint of
+    ``step`` dense (the conversion happens at the start of its step ``k``, after the checkpoint of step ``k``)."""
+    pending = [r for r in rules if r.method == "dense_to_structured" and step <= boundaries(r, steps)[0]]
+    if not pending:
+        return model
+    structure = dict(model.structure)
+    for proj in PROJECTIONS:
+        if any(key_covers(r.select, proj) for r in pending):
+            structure[proj] = StructureSpec("dense")
+    return dataclasses.replace(model, structure=structure)
+
+
+def conversion_steps(rules: list[SparsityRule], steps: int) -> set[int]:
+    """The steps at which ``dense_to_structured`` rules convert."""
+    return {boundaries(r, steps)[0] for r in rules if r.method == "dense_to_structured"}
+
+
+def conversions_due(layers: dict[str, StructuredLinear], rules: list[SparsityRule], model: ModelConfig, steps: int,
+                    step: int) -> dict[str, StructureSpec]:
+    """The still-dense layers of ``dense_to_structured`` rules whose conversion step has come, and the structure
+    each becomes."""
+    due = {}
+    for rule in rules:
+        if rule.method == "dense_to_structured" and step >= boundaries(rule, steps)[0]:
+            for name, layer in selected(layers, rule).items():
+                spec = model.spec_for(slot_of(name))
+                if layer.name == "dense" and spec.kind != "dense":
+                    due[name] = spec
+    return due
+
+
 def slot_of(name: str) -> str:
     """``layers.3.mlp.up`` -> ``up``."""
     return name.rsplit(".", 1)[-1]
@@ -135,6 +170,8 @@ def enable_pruning(layers: dict[str, StructuredLinear], rules: list[SparsityRule
                     layer.enable_schedule(freeze=rule.end < 1.0)
                 elif rule.method == "self_guided":
                     layer.enable_guide()
+                elif rule.method == "dense_to_structured":
+                    continue  # no state until the conversion
                 else:
                     layer.enable_pruning(rule.granularity, rule.block_size)
             except StructureError as e:
@@ -176,10 +213,10 @@ class SparsitySchedule:
         self.seed, self.layers = seed, layers
         self.selected = [selected(layers, r) for r in rules]
         for i, (rule, sel) in enumerate(zip(rules, self.selected)):
-            if rule.method == "self_guided":
+            if rule.method not in PRUNING:
                 continue
             sizes = {m.prune_units()[2] for m in sel.values()}
-            sizes = set().union(*[s for s in _gather_pp(sizes, pp_group)])
+            sizes = set().union(*[s for s in gather_pp(sizes, pp_group)])
             if rule.scope == "global" and len(sizes) > 1:
                 raise ConfigError(f"sparsity.rules[{i}].scope=global needs one unit size; the selected "
                                   f"projections prune units of {sorted(sizes)} weights")
@@ -211,6 +248,8 @@ class SparsitySchedule:
             if rule.method == "self_guided":
                 changed |= self._set_guides(rule, sel, step)
                 continue
+            if rule.method == "dense_to_structured":
+                continue  # the trainer converts (conversions_due): it swaps parameters
             if rule.method == "nm":
                 changed |= self._set_nm_phases(rule, sel, step)
                 continue
@@ -271,7 +310,7 @@ class SparsitySchedule:
     def _pruned_layers(self):
         """The layers of the ``gmp`` and ``nm`` rules (which report ``prune_units``)."""
         for rule, sel in zip(self.rules, self.selected):
-            if rule.method != "self_guided":
+            if rule.method in PRUNING:
                 yield from sel.values()
 
     def _guided_layers(self):
@@ -309,7 +348,7 @@ class SparsitySchedule:
     def _per_projection(self) -> dict[str, float]:
         mine = {}
         for rule, sel in zip(self.rules, self.selected):
-            for n, m in sel.items() if rule.method != "self_guided" else ():
+            for n, m in sel.items() if rule.method in PRUNING else ():
                 kept, units, _ = m.prune_units()
                 mine[n] = torch.tensor([kept, units], dtype=torch.float64)
         names = sorted(mine)
@@ -317,9 +356,18 @@ class SparsitySchedule:
         _all_reduce(stacked, self.tp_group)
         local = {f"sparsity/density/{n}": float(c[0] / c[1]) for n, c in zip(names, stacked)}
         merged = {}
-        for part in _gather_pp(local, self.pp_group):
+        for part in gather_pp(local, self.pp_group):
             merged.update(part)
         return merged
+
+    def rebase(self, layers: dict[str, StructuredLinear], params: float, forward_flops: float) -> None:
+        """Take the layers anew after ``dense_to_structured`` replaced some, whose parameters and forward FLOPs per
+        token changed by ``params`` and ``forward_flops`` (summed over all ranks)."""
+        self.layers = layers
+        self.selected = [selected(layers, r) for r in self.rules]
+        self.dense_params += params
+        self.forward_flops += forward_flops
+        self.current = self._count()
 
     # -- accounting ---------------------------------------------------------------------------------
     def account_step(self) -> None:
@@ -356,7 +404,7 @@ class SparsitySchedule:
         self._read_phases()
 
 
-def _gather_pp(obj, pp_group: ProcessGroup | None) -> list:
+def gather_pp(obj, pp_group: ProcessGroup | None) -> list:
     if pp_group is None:
         return [obj]
     out = [None] * dist.get_world_size(pp_group)
@@ -368,6 +416,10 @@ def describe(rules: list[SparsityRule], steps: int) -> str:
     parts = []
     for i, r in enumerate(rules):
         t0, t1 = boundaries(r, steps)
+        if r.method == "dense_to_structured":
+            parts.append(f"rules[{i}]: dense_to_structured {r.select}: dense until step {t0}, then from_dense into "
+                         "model.structure")
+            continue
         if r.method == "self_guided":
             parts.append(f"rules[{i}]: self_guided {r.select}: dense guide weight 1 to step {t0}, {r.guide_decay} "
                          f"to 0 at step {t1} (then freed)" + (", stochastic" if r.stochastic else ""))
@@ -382,5 +434,6 @@ def describe(rules: list[SparsityRule], steps: int) -> str:
     return "; ".join(parts)
 
 
-__all__ = ["SparsitySchedule", "boundaries", "describe", "enable_pruning", "gmp_density", "is_update_step",
-           "guide_draw", "guide_scale", "guides_done", "kth_largest_bits", "nm_phase"]
+__all__ = ["SparsitySchedule", "boundaries", "conversion_steps", "conversions_due", "dense_first", "describe",
+           "enable_pruning", "gather_pp", "gmp_density", "guide_draw", "guide_scale", "guides_done", "is_update_step",
+           "kth_largest_bits", "nm_phase"]

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from model.config import ModelConfig
 from model.gpt import GPT
-from model.structured import StructureError
+from model.structured import StructureError, spec_params, structure_class
 from parallel.comm import CommStats
 from parallel.mesh import ParallelDims, TopologyError, init_distributed
 from parallel.runtime import ParallelModel
@@ -44,7 +44,15 @@ from pretrain.data import Corpus
 from pretrain.metrics import Metrics, peak_tflops
 from pretrain.optim import build_optimizer
 from pretrain.schedules import lr_at
-from pretrain.sparsity import SparsitySchedule, describe, enable_pruning
+from pretrain.sparsity import (
+    SparsitySchedule,
+    conversion_steps,
+    conversions_due,
+    dense_first,
+    describe,
+    enable_pruning,
+    gather_pp,
+)
 
 
 def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> GPT:
@@ -106,7 +114,7 @@ class Trainer:
             raise ConfigError(str(e)) from None
         t = cfg.train
         self.local_batch = t.global_batch // par.dp
-        model = build_model(cfg.model, self.device, t.seed)
+        model = build_model(dense_first(cfg.model, cfg.sparsity.rules, t.steps, 0), self.device, t.seed)
         enable_pruning(model.structured_layers(), cfg.sparsity.rules)
         self.full_params = model.num_params()
         self.flops = model.flops_per_token(cfg.data.seq_len)
@@ -178,13 +186,61 @@ class Trainer:
             self._check_optimizer_checkpoint(meta, path)
         else:
             del parts["optim"]
-        if self.sparsity is not None:  # guides already freed when the checkpoint was written
-            self._free_guides(self.sparsity.guides_done(int(meta["step"])))
+        if self.sparsity is not None:  # the model as it was when the checkpoint was written
+            step = int(meta["step"])  # written before train_step(step): conversions of earlier steps only
+            if any(k < step for k in conversion_steps(self.cfg.sparsity.rules, self.cfg.train.steps)):
+                self._convert(step - 1)
+            self._free_guides(self.sparsity.guides_done(step))
             parts.update({k: self.state[k] for k in parts if k in ("model", "optim")})
         self.ckpt.load(path, parts)
         if self.rank == 0:
             print(f"resumed from {path} at step {self.step} ({self.consumed:,} samples consumed; written at "
                   f"{meta.get('topology', {})})", file=sys.stderr)
+
+    def _convert(self, step: int) -> dict[str, float]:
+        """``dense_to_structured``: replace the dense layers whose conversion step has come by their structure
+        (``from_dense`` of the full matrix; fresh optimizer state). Collective: every rank calls it at a
+        conversion step. Returns each converted projection's relative projection error."""
+        layers = self.model.structured_layers()
+        due = conversions_due(layers, self.cfg.sparsity.rules, self.cfg.model, self.cfg.train.steps, step)
+        errors, old, new = {}, [], []
+        delta = torch.zeros(2, dtype=torch.float64)
+        for name in sorted(due):
+            spec = due[name]
+            before = layers[name]
+            old += [f"{name}.{k}" for k, _ in before.named_parameters()]
+            delta -= torch.tensor([before.num_params(), before.flops(1)], dtype=torch.float64)
+            full = self.model.restructure(name, lambda w, s=spec: structure_class(s.kind).from_dense(
+                w, **spec_params(s)))
+            after = self.model.structured_layers()[name]
+            delta += torch.tensor([after.num_params(), after.flops(1)], dtype=torch.float64)
+            new += [(f"{name}.{k}", p) for k, p in after.named_parameters()]
+            errors[f"sparsity/projection_error/{name}"] = full.projection_error
+        self.optimizer.forget(old)
+        self.optimizer.adopt(new, "matrix")
+        for g in (self.model.tp_group, self.model.pp_group):
+            if g is not None:
+                dist.all_reduce(delta, group=g)
+        params, flops = delta.tolist()
+        self.full_params += int(params)
+        self.flops = {**self.flops, "projections": self.flops["projections"] + int(flops),
+                      "forward": self.flops["forward"] + int(flops), "train": 3 * (self.flops["forward"] + int(flops))}
+        self.sparsity.rebase(self.model.structured_layers(), params, flops)
+        self._rebuild_state()
+        merged = {}
+        for part in gather_pp(errors, self.model.pp_group):
+            merged.update(part)
+        if self.rank == 0 and merged:
+            worst = max(merged.values())
+            print(f"step {step}: dense_to_structured converted {len(merged)} projections (projection error "
+                  f"{min(merged.values()):.3f}-{worst:.3f}); parameters now {self.full_params:,}", file=sys.stderr)
+        return merged
+
+    def _rebuild_state(self) -> None:
+        """Point the checkpointed model and optimizer parts at the current parameters (after a layer change)."""
+        view = GlobalView(self.dims.submesh("tp"))
+        self.state["model"] = ModelState(self.model.named_tensors(), self.model.placements, view)
+        self.state["optim"] = OptimizerState(self.optimizer, self.model.placements, view)
 
     def _free_guides(self, names: list[str]) -> None:
         """Drop the self-guided dense paths of ``names`` (their weight reached 0): from the layers, the optimizer
@@ -196,9 +252,7 @@ class Trainer:
             layers[name].free_guide()
         self.optimizer.forget([f"{name}.guide" for name in names])
         self.model.refresh_parameters()
-        view = GlobalView(self.dims.submesh("tp"))
-        self.state["model"] = ModelState(self.model.named_tensors(), self.model.placements, view)
-        self.state["optim"] = OptimizerState(self.optimizer, self.model.placements, view)
+        self._rebuild_state()
 
     def _check_optimizer_checkpoint(self, meta: dict, path: Path) -> None:
         """Refuse optimizer state that cannot load into this run, before any collective starts."""
@@ -218,7 +272,9 @@ class Trainer:
         """One optimizer step over ``global_batch`` sequences; returns (global mean loss, grad norm)."""
         self.sparse_update = {}
         if self.sparsity is not None:
-            self.sparse_update = self.sparsity.update(self.step)
+            if self.step in conversion_steps(self.cfg.sparsity.rules, self.cfg.train.steps):
+                self.sparse_update.update(self._convert(self.step))
+            self.sparse_update.update(self.sparsity.update(self.step))
             self._free_guides(self.sparsity.guides_done(self.step))
         start = self.progress.consumed_samples + self.model.dp_rank * self.local_batch
         x, y = self.corpus.train.batch(start, self.local_batch)

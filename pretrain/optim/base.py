@@ -118,6 +118,22 @@ class BlockOptimizer(torch.optim.Optimizer, abc.ABC):
             self.sizes.pop(name, None)
             self.owners.pop(name, None)
 
+    def adopt(self, named_params: list[tuple[str, nn.Parameter]], role: str) -> None:
+        """Take new parameters into the group of ``role`` with zero state; each goes to the least-loaded dp rank
+        (largest first, name breaking ties: the same on every rank)."""
+        group = next(g for g in self.param_groups if g.get("role") == role)
+        load = [0] * self.dp_size
+        for name, owner in self.owners.items():
+            load[owner] += self.sizes[name]
+        for name, p in sorted(named_params, key=lambda np: (-np[1].numel(), np[0])):
+            group["params"].append(p)
+            self.names[id(p)] = name
+            self.sizes[name] = p.numel()
+            self.owners[name] = min(range(self.dp_size), key=lambda i: (load[i], i))
+            load[self.owners[name]] += p.numel()
+            if self.owns(p):
+                self.state[p] = self.init_state(p, group)
+
     # -- the step ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):

@@ -120,20 +120,23 @@ SCHEDULED = ("[{select: q, target: 0.3, start: 0.2, end: 0.7, interval: 2}, "
              "{select: o, method: self_guided, end: 0.75}, "
              "{select: up, method: self_guided, end: 0.75, stochastic: true}, "
              "{select: gate, method: nm, start: 0.1, end: 0.5, mask_decay: linear, structure_decay: true}, "
-             "{select: down, method: nm, start: 0.1, end: 0.5, mask_decay: linear, structure_decay: true}]")
+             "{select: down, method: nm, start: 0.1, end: 0.5, mask_decay: linear, structure_decay: true}, "
+             "{select: k, method: dense_to_structured, start: 0.5}]")
 """gmp on the query projections (updates at steps 4, 6, ..., 14); self-guided dense paths on the lowrank output
 (row-parallel) and up (column-parallel, stochastic) projections, weight 1 to 0 over steps 0-15; the N:M
 schedule of the 1:8 gate and down projections (dense to step 2, 7:8 and 4:8 and 2:8 frames, the 1:8 mask
-frozen at step 10)."""
+frozen at step 10); the key projections trained dense and converted to lowrank at step 10."""
 SCHEDULED_STRUCTURE = (f"{{default: {STRUCTURES['dense']}, o: {{kind: lowrank, rank: 8}}, "
-                       "up: {kind: lowrank, rank: 8}, gate: {kind: nm, n: 1, m: 8}, down: {kind: nm, n: 1, m: 8}}")
+                       "k: {kind: lowrank, rank: 4}, up: {kind: lowrank, rank: 8}, gate: {kind: nm, n: 1, m: 8}, "
+                       "down: {kind: nm, n: 1, m: 8}}")
 
 
 @pytest.mark.dist
 @pytest.mark.slow
 def test_schedule_masks_agree_exactly_across_topologies(tiny_store, tmp_path):
     """From the same weights (a single-process checkpoint at step 10, where gmp updates its masks, the N:M
-    schedule freezes its mask and the guides are live), (2,2,2), (1,4,1) and an interleaved pipeline compute
+    schedule freezes its mask, the dense key projections are gathered over tp and converted, and the guides are
+    live), (2,2,2), (1,4,1) and an interleaved pipeline compute
     exactly the single process's masks and its step-11 loss.
 
     Whole trajectories are not compared: the weights of two topologies differ by float rounding (~1e-7), and
@@ -159,6 +162,7 @@ def test_schedule_masks_agree_exactly_across_topologies(tiny_store, tmp_path):
     assert len(masks) == 8 and 0.3 < kept < 1, kept  # step 10 of the 4-14 schedule: partly pruned
     assert len(frozen) == 2 * 8 and all(ref[k].sum() * 8 == ref[k].numel() for k in frozen)
     assert len([k for k in ref if k.endswith(".guide")]) == 2 * 8
+    assert len([k for k in ref if k.endswith("attn.k.u")]) == 8 and not [k for k in ref if k.endswith("attn.k.weight")]
     ref_loss = losses(single)[11]
     for run in resumed:
         got = load_model(tmp_path / run / "sched" / "checkpoints")[0].state_dict()

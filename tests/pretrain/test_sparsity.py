@@ -111,13 +111,14 @@ def test_resume_mid_schedule_gives_identical_losses_and_masks(gmp_args, tmp_path
         ("[{start: 0.5, end: 0.5}]", r"start=0.5 and end=0.5 need 0 <= start < end <= 1"),
         ("[{select: ffn}]", r"sparsity.rules\[0\].select='ffn'; allowed:"),
         ("[{select: mlp}, {select: up}]", r"rules\[1\].select='up' selects the up projections, already"),
-        ("[{method: magic}]", r"rules\[0\].method='magic' is not allowed; allowed: \['gmp', 'nm', 'self_guided'\]"),
+        ("[{method: magic}]", r"method='magic' is not allowed; allowed: \['gmp', 'nm', 'self_guided', 'dense_to_struc"),
         ("[{method: nm}]", r"rules\[0\]: method nm schedules nm projections; the q projections are dense"),
         ("[{mask_decay: exp}]", r"rules\[0\]: mask_decay and structure_decay belong to method nm, not gmp"),
         ("[{method: nm, select: mlp, structure_decay: true}]", r"rules\[0\].structure_decay reaches the final n:m"),
         ("[{method: nm, select: mlp, mask_decay: linear, decay_coef: -1}]", r"decay_coef=-1.0 must be positive"),
         ("[{method: self_guided}]", r"rules\[0\]: method self_guided guides structured projections with a dense "
-                                    r"path; the q projections are already dense"),
+                                    r"path; the q projections are dense \(set model.structure.q or .attn"),
+        ("[{method: dense_to_structured, select: mlp}]", r"method dense_to_structured converts dense projections"),
         ("[{stochastic: true}]", r"rules\[0\].stochastic belongs to method self_guided, not gmp"),
         ("[{granularity: block}]", r"block_size is required for granularity block"),
         ("[{granularity: block, block_size: 5}]", r"dense.block_size=5 must divide"),
@@ -258,3 +259,36 @@ def test_guide_starts_equal_to_its_structured_layer():
     layer.free_guide()
     assert layer.guide is None and "guide" not in dict(layer.named_parameters())
     torch.testing.assert_close(layer(x), before)
+
+
+D2S = {"model.structure": "{default: {kind: dense}, mlp: {kind: lowrank, rank: 8}, "
+                          "o: {kind: blast, blocks: 4, rank: 8}}",
+       "train.steps": 20, "checkpoint.interval": 4, "checkpoint.keep": 0,
+       "sparsity.rules": "[{method: dense_to_structured, select: mlp}, {method: dense_to_structured, select: o, "
+                         "start: 0.3}]"}
+
+
+@pytest.mark.parametrize("stop", [8, 10])
+def test_dense_to_structured_converts_logs_errors_and_resumes_exactly(stop, tiny_store, tmp_path):
+    """o trains dense to step 6 and mlp to step 10, then each continues as its structure from from_dense; stopped
+    between the conversions or exactly at the checkpoint written just before one, and resumed: the same losses."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(cli(tiny_overrides(tiny_store, straight, **D2S))) == 0
+    assert main(cli(tiny_overrides(tiny_store, split, **D2S, **{"train.exit_after_steps": stop}))) == 0
+    assert main([*cli(tiny_overrides(tiny_store, split, **D2S)), "--resume", "auto"]) == 0
+    a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(split / "metrics.jsonl")
+    assert all(a[s]["train/loss"] == b[s]["train/loss"] for s in range(1, 21))
+    errors = {s: {k: v for k, v in a[s].items() if "projection_error" in k} for s in range(1, 21)}
+    assert sorted(s for s, e in errors.items() if e) == [7, 11]  # logged with the step that converted (6, 10)
+    assert len(errors[7]) == 2 and len(errors[11]) == 6 and all(0 < v < 1 for v in errors[11].values())
+    d, f = 64, 192
+    assert a[6]["sparsity/params"] - a[7]["sparsity/params"] == 2 * (d * d - (8 * 2 * d + 4 * 4 * 8))  # blast o
+    assert a[10]["sparsity/params"] - a[11]["sparsity/params"] == 2 * 3 * (d * f - 8 * (d + f))  # lowrank mlp
+    from pretrain.checkpoint import load_model
+
+    before, _, _ = load_model(straight / "checkpoints" / "step_000008")
+    after, _, _ = load_model(straight / "checkpoints" / "step_000012")
+    kinds = {n: (before.structured_layers()[n].name, after.structured_layers()[n].name)
+             for n in ("layers.0.attn.o", "layers.0.mlp.up", "layers.0.attn.q")}
+    assert kinds == {"layers.0.attn.o": ("blast", "blast"), "layers.0.mlp.up": ("dense", "lowrank"),
+                     "layers.0.attn.q": ("dense", "dense")}
