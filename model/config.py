@@ -119,6 +119,13 @@ class ModelConfig:
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
 
+    def projection_shape(self, proj: str) -> tuple[int, int]:
+        """``(out_features, in_features)`` of projection ``proj``."""
+        d, hd = self.d_model, self.head_dim
+        return {"q": (self.n_heads * hd, d), "k": (self.kv_heads * hd, d), "v": (self.kv_heads * hd, d),
+                "o": (d, self.n_heads * hd), "gate": (self.d_ff, d), "up": (self.d_ff, d),
+                "down": (d, self.d_ff)}[proj]
+
     def spec_for(self, proj: str) -> StructureSpec:
         """Resolve the structure of projection ``proj`` (most specific key wins)."""
         group = next(g for g, members in PROJECTION_GROUPS.items() if proj in members)

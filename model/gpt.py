@@ -32,7 +32,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def _build(cfg: ModelConfig, proj: str, in_features: int, out_features: int) -> StructuredLinear:
+def _build(cfg: ModelConfig, proj: str) -> StructuredLinear:
+    out_features, in_features = cfg.projection_shape(proj)
     try:
         return build_linear(cfg.spec_for(proj), in_features, out_features)
     except StructureError as e:
@@ -48,12 +49,11 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        d, hd = cfg.d_model, cfg.head_dim
-        self.head_dim = hd
-        self.q = _build(cfg, "q", d, cfg.n_heads * hd)
-        self.k = _build(cfg, "k", d, cfg.kv_heads * hd)
-        self.v = _build(cfg, "v", d, cfg.kv_heads * hd)
-        self.o = _build(cfg, "o", cfg.n_heads * hd, d)
+        self.head_dim = cfg.head_dim
+        self.q = _build(cfg, "q")
+        self.k = _build(cfg, "k")
+        self.v = _build(cfg, "v")
+        self.o = _build(cfg, "o")
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         bsz, seq, _ = x.shape
@@ -70,9 +70,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate = _build(cfg, "gate", cfg.d_model, cfg.d_ff)
-        self.up = _build(cfg, "up", cfg.d_model, cfg.d_ff)
-        self.down = _build(cfg, "down", cfg.d_ff, cfg.d_model)
+        self.gate = _build(cfg, "gate")
+        self.up = _build(cfg, "up")
+        self.down = _build(cfg, "down")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))  # [B, T, d_ff] -> [B, T, d]

@@ -186,13 +186,15 @@ class SparsityRule:
     select: str = "default"
     """Projections it applies to: the keys of ``model.structure`` (``default``, ``attn``, ``mlp``, ``q`` ...
     ``down``)."""
-    method: Literal["gmp", "nm", "self_guided", "dense_to_structured"] = "gmp"
+    method: Literal["gmp", "nm", "self_guided", "dense_to_structured", "block_size_search"] = "gmp"
     """``gmp``: gradual magnitude pruning (Zhu and Gupta, 2017) on the cubic schedule. ``nm``: the schedule of
     ``nm`` projections (their spec's ``n:m`` is the final pattern): dense warm-up, then SR-STE and optional
     progressive gradient flow (MDGF ``mask_decay``, SDGF ``structure_decay``), then a fixed mask.
     ``self_guided``: a dense guide mixed into a structured projection, decaying from 1 at ``start`` to 0 at
     ``end`` (then freed). ``dense_to_structured``: the projections train dense until ``start``, are then
-    replaced by their ``model.structure`` through ``from_dense`` (optimizer state restarted) and continue."""
+    replaced by their ``model.structure`` through ``from_dense`` (optimizer state restarted) and continue.
+    ``block_size_search``: dense projections scored for each of ``block_sizes`` on the live weights before
+    ``start``; at ``start`` the chosen block size is fixed and ``gmp`` prunes blocks of it to ``target``."""
     target: float = 0.5
     """``gmp``: final density (kept fraction of the pruned units), in (0, 1]."""
     start: float | None = None
@@ -215,6 +217,11 @@ class SparsityRule:
     stochastic: bool = False
     """``self_guided``: the reduced-FLOP mode: each step the guide runs with probability ``a`` (mixed in as
     above), otherwise the structured path alone."""
+    block_sizes: list[int] = field(default_factory=lambda: [8, 16, 32])
+    """``block_size_search``: the candidate block sides (each a multiple of the smallest)."""
+    tolerance: float = 0.05
+    """``block_size_search``: the largest candidate whose blocks kept at ``target`` retain at least ``1 -
+    tolerance`` of the energy the smallest candidate's retain wins."""
     structure_decay: bool = False
     """``nm``: SDGF: the pattern decays from ``(m-1):m`` through ``m/2^i:m`` in equal frames over
     [start, end) and is ``n:m`` from ``end`` (so ``end`` < 1)."""
@@ -343,6 +350,16 @@ class Config:
                 raise ConfigError(f"{at}.decay_coef={rule.decay_coef} must be positive")
             if rule.method != "nm" and (rule.mask_decay != "none" or rule.structure_decay):
                 raise ConfigError(f"{at}: mask_decay and structure_decay belong to method nm, not {rule.method}")
+            if rule.method == "block_size_search":
+                sizes = rule.block_sizes
+                if not sizes or any(not isinstance(b, int) or b <= 0 or b % min(sizes) for b in sizes):
+                    raise ConfigError(f"{at}.block_sizes={sizes}: positive integers, each a multiple of the smallest")
+                rule.block_sizes = sorted(sizes)
+                if not 0.0 <= rule.tolerance < 1.0:
+                    raise ConfigError(f"{at}.tolerance={rule.tolerance} must lie in [0, 1)")
+                if rule.start == 0.0:
+                    raise ConfigError(f"{at}.start=0.0 leaves no search window; the search scores the weights "
+                                      "before start")
             if rule.method != "self_guided" and rule.stochastic:
                 raise ConfigError(f"{at}.stochastic belongs to method self_guided, not {rule.method}")
             if rule.structure_decay and rule.end >= 1.0:
@@ -365,6 +382,16 @@ class Config:
                 raise ConfigError(f"{at}: method {rule.method} {what}; the {proj} projections are dense (set "
                                   f"model.structure.{proj} or .{SLOTS[proj].group} to a structure)")
             return
+        if rule.method == "block_size_search":
+            if spec.kind != "dense":
+                raise ConfigError(f"{at}: method block_size_search prunes dense projections by blocks; the {proj} "
+                                  f"projections are {spec.kind}")
+            dims = self.model.projection_shape(proj)
+            for bs in rule.block_sizes:
+                if any(d % bs for d in dims):
+                    raise ConfigError(f"{at}.block_sizes: {bs} does not divide the {proj} projections "
+                                      f"({dims[1]} -> {dims[0]})")
+            return
         if rule.method == "nm":
             if spec.kind != "nm":
                 raise ConfigError(f"{at}: method nm schedules nm projections; the {proj} projections are "
@@ -379,7 +406,8 @@ class Config:
             raise ConfigError(f"{at}.block_size is required for granularity block on dense projections")
 
 
-METHOD_WINDOWS = {"gmp": (0.25, 0.75), "nm": (0.0, 1.0), "self_guided": (0.0, 0.5), "dense_to_structured": (0.5, 1.0)}
+METHOD_WINDOWS = {"gmp": (0.25, 0.75), "nm": (0.0, 1.0), "self_guided": (0.0, 0.5), "dense_to_structured": (0.5, 1.0),
+                  "block_size_search": (0.25, 0.75)}
 """Default ``(start, end)`` of each sparsity method."""
 
 

@@ -48,7 +48,7 @@ from model.structured import StructuredLinear, StructureError
 from pretrain.config import ConfigError, SparsityRule
 
 BISECT_ROUNDS = 31
-PRUNING = ("gmp", "nm")
+PRUNING = ("gmp", "nm", "block_size_search")
 """Methods that mask weights (their layers report ``prune_units``)."""
 FLOAT_INF_BITS = 0x7F800000
 
@@ -168,6 +168,8 @@ def enable_pruning(layers: dict[str, StructuredLinear], rules: list[SparsityRule
             try:
                 if rule.method == "nm":
                     layer.enable_schedule(freeze=rule.end < 1.0)
+                elif rule.method == "block_size_search":
+                    layer.enable_block_search(rule.block_sizes)
                 elif rule.method == "self_guided":
                     layer.enable_guide()
                 elif rule.method == "dense_to_structured":
@@ -213,7 +215,7 @@ class SparsitySchedule:
         self.seed, self.layers = seed, layers
         self.selected = [selected(layers, r) for r in rules]
         for i, (rule, sel) in enumerate(zip(rules, self.selected)):
-            if rule.method not in PRUNING:
+            if rule.method not in PRUNING or rule.method == "block_size_search":
                 continue
             sizes = {m.prune_units()[2] for m in sel.values()}
             sizes = set().union(*[s for s in gather_pp(sizes, pp_group)])
@@ -233,6 +235,10 @@ class SparsitySchedule:
         self.nm_scale: float | None = None
         self.guide_weight: float | None = None
         self._read_phases()
+        self.search = {i: torch.zeros(len(r.block_sizes) + 1, dtype=torch.float64) for i, r in enumerate(rules)
+                       if r.method == "block_size_search"}
+        """Per block-size-search rule: the summed retention of each candidate over the scorings so far, and
+        (last entry) the number of scorings."""
         self.param_steps = 0.0
         """Sum over completed steps of the effective parameter count (for the average)."""
         self.flops_spent = 0.0
@@ -243,11 +249,13 @@ class SparsitySchedule:
     def update(self, step: int) -> dict[str, float]:
         """Recompute the masks of every rule whose schedule updates at ``step`` (call before the step's
         forward, on every rank); returns per-projection densities when something changed."""
-        changed = False
-        for rule, sel in zip(self.rules, self.selected):
+        changed, reported = False, {}
+        for i, (rule, sel) in enumerate(zip(self.rules, self.selected)):
             if rule.method == "self_guided":
                 changed |= self._set_guides(rule, sel, step)
                 continue
+            if rule.method == "block_size_search":
+                reported.update(self._search_block_size(i, rule, sel, step))
             if rule.method == "dense_to_structured":
                 continue  # the trainer converts (conversions_due): it swaps parameters
             if rule.method == "nm":
@@ -273,9 +281,9 @@ class SparsitySchedule:
                 sel[n].set_prune_mask(s.contiguous().view(torch.int32) >= t)
             changed = True
         if not changed:
-            return {}
+            return reported
         self.current = self._count()
-        return self._per_projection()
+        return {**reported, **self._per_projection()}
 
     def _set_nm_phases(self, rule: SparsityRule, sel: dict[str, StructuredLinear], step: int) -> bool:
         """Set this step's phase on every layer of an ``nm`` rule; True when a density changed."""
@@ -288,6 +296,41 @@ class SparsitySchedule:
             self.phases[name] = kept
             self.nm_scale = a
         return changed
+
+    def _search_block_size(self, i: int, rule: SparsityRule, sel: dict[str, StructuredLinear], step: int) -> dict:
+        """Before ``t0``, every ``interval`` steps: score each candidate block size by the energy its best blocks
+        at ``target`` density retain (over every selected projection, all ranks). At ``t0``: fix the largest
+        candidate within ``tolerance`` of the smallest's mean retention."""
+        t0 = boundaries(rule, self.steps)[0]
+        if step > t0 or (step < t0 and step % rule.interval):
+            return {}
+        sums = self.search[i]
+        if step < t0 or sums[-1] == 0:
+            sums[:-1] += self._retention(rule, sel)
+            sums[-1] += 1
+        mean = (sums[:-1] / sums[-1]).tolist()
+        out = {f"sparsity/block_search/{bs}": r for bs, r in zip(rule.block_sizes, mean)}
+        if step == t0:
+            best = max(bs for bs, r in zip(rule.block_sizes, mean) if r >= (1.0 - rule.tolerance) * mean[0])
+            for layer in sel.values():
+                layer.set_prune_block(best)
+            out["sparsity/block_size"] = best
+        return out
+
+    def _retention(self, rule: SparsityRule, sel: dict[str, StructuredLinear]) -> torch.Tensor:
+        """For each candidate block size: the fraction of the selected weights' energy in their ``target``
+        fraction of largest blocks (exact k-th largest over all ranks, as the pruning threshold)."""
+        out = []
+        for bs in sorted(rule.block_sizes):
+            scores = [sel[n].block_scores(bs).flatten() for n in sorted(sel)]
+            flat = torch.cat(scores) if scores else torch.zeros(0)
+            units = _all_reduce(torch.tensor([flat.numel()], dtype=torch.int64), self.tp_group, self.pp_group)
+            k = torch.clamp((units.double() * rule.target).round().long(), min=1)
+            (t,) = kth_largest_bits([flat], k, (self.tp_group, self.pp_group)).tolist()
+            kept = flat[flat.view(torch.int32) >= t].double().sum()
+            energy = _all_reduce(torch.stack([kept, flat.double().sum()]), self.tp_group, self.pp_group)
+            out.append(float(energy[0] / energy[1].clamp_min(1e-30)))
+        return torch.tensor(out, dtype=torch.float64)
 
     def _set_guides(self, rule: SparsityRule, sel: dict[str, StructuredLinear], step: int) -> bool:
         """Set this step's guide weight (and, in the stochastic mode, whether each guide runs); True when the
@@ -394,9 +437,12 @@ class SparsitySchedule:
     def state_dict(self) -> dict:
         return {"param_steps": torch.tensor(self.param_steps, dtype=torch.float64),
                 "flops_spent": torch.tensor(self.flops_spent, dtype=torch.float64),
-                "steps_done": torch.tensor(self.steps_done, dtype=torch.int64)}
+                "steps_done": torch.tensor(self.steps_done, dtype=torch.int64),
+                **{f"block_search_{i}": t for i, t in self.search.items()}}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        for i, t in self.search.items():
+            t.copy_(state_dict[f"block_search_{i}"])
         self.param_steps = float(state_dict["param_steps"])
         self.flops_spent = float(state_dict["flops_spent"])
         self.steps_done = int(state_dict["steps_done"])
@@ -416,6 +462,10 @@ def describe(rules: list[SparsityRule], steps: int) -> str:
     parts = []
     for i, r in enumerate(rules):
         t0, t1 = boundaries(r, steps)
+        if r.method == "block_size_search":
+            parts.append(f"rules[{i}]: block_size_search {r.select}: block sizes {r.block_sizes} scored every "
+                         f"{r.interval} steps before step {t0}, then gmp to density {r.target} by step {t1}")
+            continue
         if r.method == "dense_to_structured":
             parts.append(f"rules[{i}]: dense_to_structured {r.select}: dense until step {t0}, then from_dense into "
                          "model.structure")

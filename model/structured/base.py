@@ -319,18 +319,41 @@ class BlockMasked:
             return blocksparse_linear(x, self.weight, self.mask, bs)
         return F.linear(x, self.masked_weight())
 
+    @property
+    def prune_block(self) -> int:
+        """Side of the units a schedule prunes: ``mask_block``, or the size a block-size search chose (a multiple
+        of it, kept in the buffer ``prune_block_size``)."""
+        size = getattr(self, "prune_block_size", None)
+        return self.mask_block if size is None else int(size)
+
+    def set_prune_block(self, size: int) -> None:
+        if size % self.mask_block:
+            raise StructureError(f"{self.name}: prune block {size} is not a multiple of the mask block "
+                                 f"{self.mask_block}")
+        with torch.no_grad():
+            self.prune_block_size.fill_(size)
+
+    def block_scores(self, size: int) -> torch.Tensor:
+        """Squared magnitude of every ``size`` x ``size`` block of the masked weight this rank holds (pruned units
+        score 0), summed in float64 and rounded to float32."""
+        return block_energy(self.masked_weight().detach().double(), size).float()
+
     def prune_scores(self) -> torch.Tensor:
-        """Squared magnitude of every unit of the masked weight this rank holds (pruned units score 0), summed
-        in float64 and rounded to float32, shaped like the mask."""
-        return block_energy(self.masked_weight().detach().double(), self.mask_block).float()
+        """``block_scores`` of the pruning units, shaped like their grid."""
+        return self.block_scores(self.prune_block)
 
     def set_prune_mask(self, keep: torch.Tensor) -> None:
+        """Keep the units ``keep`` (a bool grid of ``prune_block`` units)."""
+        k = self.prune_block // self.mask_block
+        if k > 1:
+            keep = keep.repeat_interleave(k, 0).repeat_interleave(k, 1)
         with torch.no_grad():
             self.mask.copy_(keep)
 
     def prune_units(self) -> tuple[int, int, int]:
         """``(kept units, units, parameters per unit)`` of this rank's tensors."""
-        return int(self.mask.sum()), self.mask.numel(), self.mask_block**2
+        k2 = (self.prune_block // self.mask_block) ** 2
+        return int(self.mask.sum()) // k2, self.mask.numel() // k2, self.prune_block**2
 
     def kept_params(self) -> int:
         """Weights the mask keeps."""

@@ -30,6 +30,15 @@ class DenseLinear(BlockMasked, StructuredLinear):
         grid = (self.out_features // bs, self.in_features // bs)
         self.register_buffer("mask", torch.ones(grid, dtype=torch.bool, device=self.weight.device))
 
+    def enable_block_search(self, candidates: list[int]) -> None:
+        """A block mask at the smallest candidate block size whose pruning unit a block-size search sets later
+        (buffer ``prune_block_size``); every candidate must divide the layer."""
+        for bs in candidates:
+            self.check_divides("block_size", bs, in_features=self.in_features, out_features=self.out_features)
+        self.enable_pruning("block", min(candidates))
+        self.search_max = max(candidates)
+        self.register_buffer("prune_block_size", torch.tensor(min(candidates), dtype=torch.int64))
+
     def reset_parameters(self, std, generator=None):
         normal_(self.weight, std, generator)
 
@@ -39,8 +48,10 @@ class DenseLinear(BlockMasked, StructuredLinear):
     def shard(self, tp_rank, tp_size, style, comm):
         dim = 0 if style == "column" else 1
         units = {"out_features": self.out_features} if dim == 0 else {"in_features": self.in_features}
-        if self.mask is not None:  # whole mask blocks on every rank
-            units = {("mask_block_rows" if dim == 0 else "mask_block_columns"): self.mask.shape[dim]}
+        if self.mask is not None:  # whole mask blocks (of the largest block a search may choose) on every rank
+            largest = getattr(self, "search_max", self.mask_block)
+            units = {("mask_block_rows" if dim == 0 else "mask_block_columns"):
+                     self.mask.shape[dim] * self.mask_block // largest}
         self.check_tp(tp_size, **units)
         names = ("weight",) if self.mask is None else ("weight", "mask")
         return self._dense_style_shard(tp_rank, tp_size, style, comm, names)

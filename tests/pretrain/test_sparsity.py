@@ -119,6 +119,9 @@ def test_resume_mid_schedule_gives_identical_losses_and_masks(gmp_args, tmp_path
         ("[{method: self_guided}]", r"rules\[0\]: method self_guided guides structured projections with a dense "
                                     r"path; the q projections are dense \(set model.structure.q or .attn"),
         ("[{method: dense_to_structured, select: mlp}]", r"method dense_to_structured converts dense projections"),
+        ("[{method: block_size_search, block_sizes: [8, 12]}]", r"block_sizes=\[8, 12\]: positive integers, each a "),
+        ("[{method: block_size_search, start: 0.0}]", r"rules\[0\].start=0.0 leaves no search window"),
+        ("[{method: block_size_search, block_sizes: [8, 128]}]", r"block_sizes: 128 does not divide the q projections"),
         ("[{stochastic: true}]", r"rules\[0\].stochastic belongs to method self_guided, not gmp"),
         ("[{granularity: block}]", r"block_size is required for granularity block"),
         ("[{granularity: block, block_size: 5}]", r"dense.block_size=5 must divide"),
@@ -292,3 +295,65 @@ def test_dense_to_structured_converts_logs_errors_and_resumes_exactly(stop, tiny
              for n in ("layers.0.attn.o", "layers.0.mlp.up", "layers.0.attn.q")}
     assert kinds == {"layers.0.attn.o": ("blast", "blast"), "layers.0.mlp.up": ("dense", "lowrank"),
                      "layers.0.attn.q": ("dense", "dense")}
+
+
+def test_block_size_search_finds_the_planted_block_size():
+    """Weights living on 16 x 16 blocks: 8 and 16 retain all the energy at the planted density, 32 does not; the
+    largest candidate within tolerance of the smallest is 16, and gmp then prunes whole 16-blocks."""
+    from model.config import StructureSpec
+    from model.structured import build_linear
+    from pretrain.sparsity import SparsitySchedule, enable_pruning
+
+    gen = torch.Generator().manual_seed(0)
+    layers = {}
+    for name in ("layers.0.mlp.up", "layers.1.mlp.up"):
+        layer = build_linear(StructureSpec("dense"), 64, 128)
+        planted = torch.rand(8, 4, generator=gen) < 0.25
+        planted[0, 0] = True
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(128, 64, generator=gen) * planted.repeat_interleave(16, 0)
+                               .repeat_interleave(16, 1))
+        layers[name] = layer
+    kept = sum(int((layers[n].weight != 0).sum()) for n in layers) / (2 * 128 * 64)
+    rule = SparsityRule(method="block_size_search", select="up", block_sizes=[8, 16, 32], target=kept, start=0.5,
+                        end=0.6, interval=1, scope="global")
+    enable_pruning(layers, [rule])
+    sched = SparsitySchedule([rule], 10, layers, None, None, params=0, forward_flops=0, tokens_per_step=1)
+    for step in range(5):
+        out = sched.update(step)
+        assert out["sparsity/block_search/8"] == pytest.approx(1.0) == out["sparsity/block_search/16"]
+        assert out["sparsity/block_search/32"] < 0.95
+    out = sched.update(5)
+    assert out["sparsity/block_size"] == 16 and all(int(m.prune_block_size) == 16 for m in layers.values())
+    sched.update(6)  # t1: gmp at the target density, by 16-blocks
+    for layer in layers.values():
+        assert torch.equal(layer.mask, layer.weight.detach().ne(0).reshape(16, 8, 8, 8).any(3).any(1))
+    assert sched.metrics()["sparsity/density"] == pytest.approx(kept)
+
+
+SEARCH = {"train.steps": 20, "checkpoint.interval": 4, "checkpoint.keep": 0,
+          "sparsity.rules": "[{method: block_size_search, select: mlp, block_sizes: [32, 8, 16], target: 0.3, "
+                            "start: 0.3, end: 0.7, interval: 2, scope: global}]"}
+
+
+def test_block_size_search_logs_decides_and_resumes_mid_search_exactly(tiny_store, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(cli(tiny_overrides(tiny_store, straight, **SEARCH))) == 0
+    assert main(cli(tiny_overrides(tiny_store, split, **SEARCH, **{"train.exit_after_steps": 4}))) == 0
+    assert main([*cli(tiny_overrides(tiny_store, split, **SEARCH)), "--resume", "auto"]) == 0
+    a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(split / "metrics.jsonl")
+    assert all(a[s]["train/loss"] == b[s]["train/loss"] for s in range(1, 21))
+    scored = [s - 1 for s in range(1, 21) if "sparsity/block_search/8" in a[s]]
+    assert scored == [0, 2, 4, 6]  # every interval before t0 = 6, and the decision at 6
+    means = {bs: a[7][f"sparsity/block_search/{bs}"] for bs in (8, 16, 32)}
+    assert means == {bs: b[7][f"sparsity/block_search/{bs}"] for bs in (8, 16, 32)}
+    chosen = max(bs for bs, r in means.items() if r >= 0.95 * means[8])
+    assert a[7]["sparsity/block_size"] == chosen and a[20]["sparsity/density"] == pytest.approx(0.3, abs=0.01)
+    from pretrain.checkpoint import load_model
+
+    model, _, _ = load_model(straight / "checkpoints")
+    for name, layer in model.structured_layers().items():
+        if name.split(".")[-1] in ("gate", "up", "down"):
+            k = chosen // 8
+            assert int(layer.prune_block_size) == chosen
+            assert torch.equal(layer.mask, layer.mask[::k, ::k].repeat_interleave(k, 0).repeat_interleave(k, 1))
