@@ -121,11 +121,14 @@ SCHEDULED = ("[{select: q, target: 0.3, start: 0.2, end: 0.7, interval: 2}, "
              "{select: up, method: self_guided, end: 0.75, stochastic: true}, "
              "{select: gate, method: nm, start: 0.1, end: 0.5, mask_decay: linear, structure_decay: true}, "
              "{select: down, method: nm, start: 0.1, end: 0.5, mask_decay: linear, structure_decay: true}, "
-             "{select: k, method: dense_to_structured, start: 0.5}]")
+             "{select: k, method: dense_to_structured, start: 0.5}, "
+             "{select: v, method: block_size_search, block_sizes: [4, 8], target: 0.5, start: 0.6, end: 0.8, "
+             "interval: 2, scope: global}]")
 """gmp on the query projections (updates at steps 4, 6, ..., 14); self-guided dense paths on the lowrank output
 (row-parallel) and up (column-parallel, stochastic) projections, weight 1 to 0 over steps 0-15; the N:M
 schedule of the 1:8 gate and down projections (dense to step 2, 7:8 and 4:8 and 2:8 frames, the 1:8 mask
-frozen at step 10); the key projections trained dense and converted to lowrank at step 10."""
+frozen at step 10); the key projections trained dense and converted to lowrank at step 10; the value
+projections' block size searched (scored at steps 0, 2, ..., 10 over every rank's shards)."""
 SCHEDULED_STRUCTURE = (f"{{default: {STRUCTURES['dense']}, o: {{kind: lowrank, rank: 8}}, "
                        "k: {kind: lowrank, rank: 4}, up: {kind: lowrank, rank: 8}, gate: {kind: nm, n: 1, m: 8}, "
                        "down: {kind: nm, n: 1, m: 8}}")
@@ -158,8 +161,9 @@ def test_schedule_masks_agree_exactly_across_topologies(tiny_store, tmp_path):
     ref = load_model(tmp_path / "single11" / "sched" / "checkpoints")[0].state_dict()
     masks = [k for k in ref if k.endswith(".mask")]
     frozen = [k for k in ref if k.endswith(".frozen_mask")]
-    kept = float(sum(ref[k].sum() for k in masks)) / sum(ref[k].numel() for k in masks)
-    assert len(masks) == 8 and 0.3 < kept < 1, kept  # step 10 of the 4-14 schedule: partly pruned
+    q = [k for k in masks if k.endswith("attn.q.mask")]
+    kept = float(sum(ref[k].sum() for k in q)) / sum(ref[k].numel() for k in q)
+    assert len(masks) == 2 * 8 and 0.3 < kept < 1, kept  # q at step 10 of the 4-14 schedule: partly pruned
     assert len(frozen) == 2 * 8 and all(ref[k].sum() * 8 == ref[k].numel() for k in frozen)
     assert len([k for k in ref if k.endswith(".guide")]) == 2 * 8
     assert len([k for k in ref if k.endswith("attn.k.u")]) == 8 and not [k for k in ref if k.endswith("attn.k.weight")]
@@ -168,4 +172,7 @@ def test_schedule_masks_agree_exactly_across_topologies(tiny_store, tmp_path):
         got = load_model(tmp_path / run / "sched" / "checkpoints")[0].state_dict()
         assert all(torch.equal(got[k], ref[k]) for k in masks + frozen), run
         assert all(torch.equal(got[k], ref[k]) for k in ref if k.endswith(".nm_phase")), run
+        for bs in (4, 8):  # the block-size search's mean retention after scoring step 10's weights on this topology
+            key = f"sparsity/block_search/{bs}"
+            assert losses(tmp_path / run / "sched", key)[11] == pytest.approx(losses(single, key)[11], rel=1e-9)
         assert abs(losses(tmp_path / run / "sched")[11] - ref_loss) / ref_loss < TOL, run
