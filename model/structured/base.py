@@ -374,6 +374,17 @@ def _mix_guide(layer: StructuredLinear, args: tuple, out: torch.Tensor) -> torch
     return a * g + (1.0 - a) * out
 
 
+def signed_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd(w, full_matrices=False)`` (batched) with a sign convention: the largest-magnitude entry
+    of every left singular vector is positive. The factors are then a continuous function of ``w`` (away from
+    repeated singular values), so weights that differ by rounding give factors that differ by rounding."""
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    pick = u.abs().argmax(dim=-2, keepdim=True)  # [..., 1, k]
+    sign = torch.sign(u.gather(-2, pick)).squeeze(-2)  # [..., k]
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return u * sign[..., None, :], s, vh * sign[..., :, None]
+
+
 def block_energy(w: torch.Tensor, bs: int) -> torch.Tensor:
     """Squared Frobenius norm of every ``bs`` x ``bs`` block of ``w[out, in]``: ``[out/bs, in/bs]``."""
     out_f, in_f = w.shape

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from kernels.blast import blast_couple, blast_expand, blast_project
-from model.structured.base import LayerShard, StructuredLinear, normal_, split
+from model.structured.base import LayerShard, StructuredLinear, normal_, signed_svd, split
 
 
 class BlastLinear(StructuredLinear):
@@ -73,9 +73,30 @@ class BlastLinear(StructuredLinear):
         if algebraic is not None:
             starts.insert(0, algebraic)
         u, s, v, _ = min((self._als(wb, *start) for start in starts), key=lambda fit: fit[-1])
+        u, s, v = self._canonical(u, s, v)
         self._copy(self.u, u)
         self._copy(self.s, s)
         self._copy(self.v, v)
+
+    @staticmethod
+    def _canonical(u, s, v):
+        """One representative of the factors' gauge (per-block column scales and signs, the order of the rank
+        components): unit columns of ``U_i`` and ``V_j`` whose largest-magnitude entry is positive, the scales
+        and signs moved into ``S``, components ordered by the energy of ``S``. The fit then depends continuously
+        on the matrix, so weights that differ by rounding give factors that differ by rounding (training after
+        ``from_dense`` does not depend on micro-batching or topology)."""
+        def normalise(f):  # f[block, rows, r] -> unit signed columns, and the factor moved out
+            norm = f.norm(dim=1).clamp_min(1e-30)  # [block, r]
+            pick = f.abs().argmax(dim=1, keepdim=True)
+            sign = torch.sign(f.gather(1, pick)).squeeze(1)
+            sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+            return f / (norm * sign)[:, None, :], norm * sign
+
+        u, cu = normalise(u)
+        v, cv = normalise(v)
+        s = s * cu[:, None, :] * cv[None, :, :]
+        order = s.pow(2).sum(dim=(0, 1)).argsort(descending=True)
+        return u[..., order], s[..., order], v[..., order]
 
     @staticmethod
     def _solve(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -100,8 +121,8 @@ class BlastLinear(StructuredLinear):
             out[..., : min(r, m.shape[-1])] = m[..., :r]
             return out
 
-        u = first(torch.linalg.svd(wb.permute(0, 2, 1, 3).reshape(b, p, b * q), full_matrices=False)[0])
-        v = first(torch.linalg.svd(wb.permute(1, 3, 0, 2).reshape(b, q, b * p), full_matrices=False)[0])
+        u = first(signed_svd(wb.permute(0, 2, 1, 3).reshape(b, p, b * q))[0])
+        v = first(signed_svd(wb.permute(1, 3, 0, 2).reshape(b, q, b * p))[0])
         return u, self._coupling(wb, u, v), v
 
     def _algebraic_start(self, wb, u0, v0):

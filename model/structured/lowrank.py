@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from kernels.lowrank import lowrank_expand, lowrank_project
-from model.structured.base import LayerShard, StructuredLinear, normal_, split
+from model.structured.base import LayerShard, StructuredLinear, normal_, signed_svd, split
 
 
 class LowRankLinear(StructuredLinear):
@@ -49,7 +49,7 @@ class LowRankLinear(StructuredLinear):
         return self.u @ self.v
 
     def _fit(self, w):
-        uu, s, vh = torch.linalg.svd(w, full_matrices=False)
+        uu, s, vh = signed_svd(w)
         root = s[: self.rank].sqrt()
         self._copy(self.u, uu[:, : self.rank] * root)
         self._copy(self.v, root[:, None] * vh[: self.rank])

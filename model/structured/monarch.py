@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from kernels.monarch import monarch_left, monarch_right
-from model.structured.base import LayerShard, StructuredLinear, normal_, split
+from model.structured.base import LayerShard, StructuredLinear, normal_, signed_svd, split
 
 
 class MonarchLinear(StructuredLinear):
@@ -95,7 +95,7 @@ class MonarchLinear(StructuredLinear):
         nb, c = self.blocks, self.rank
         s_dim, p_dim = self.out_features // nb, self.in_features // nb
         sub = w.reshape(nb, s_dim, nb, p_dim).permute(0, 2, 1, 3)  # [l, k, s, p]
-        uu, sv, vh = torch.linalg.svd(sub, full_matrices=False)  # [l,k,s,x], [l,k,x], [l,k,x,p]
+        uu, sv, vh = signed_svd(sub)  # [l,k,s,x], [l,k,x], [l,k,x,p]
         root = sv[..., :c].sqrt()
         left = uu[..., :c] * root[..., None, :]  # [l, k, s, t]
         right = root[..., :, None] * vh[..., :c, :]  # [l, k, t, p]

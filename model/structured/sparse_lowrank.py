@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.lowrank import lowrank_expand, lowrank_project
-from model.structured.base import LayerShard, StructuredLinear, normal_, split
+from model.structured.base import LayerShard, StructuredLinear, normal_, signed_svd, split
 
 
 class SparseLowRankLinear(StructuredLinear):
@@ -91,7 +91,7 @@ class SparseLowRankLinear(StructuredLinear):
         nnz, r = self.values.numel(), self.rank
         sparse = torch.zeros_like(w)
         for _ in range(self.fit_iters):
-            uu, s, vh = torch.linalg.svd(w - sparse, full_matrices=False)
+            uu, s, vh = signed_svd(w - sparse)
             low = (uu[:, :r] * s[:r]) @ vh[:r]
             resid = (w - low).flatten()
             idx = resid.abs().topk(nnz).indices.sort().values
@@ -100,7 +100,7 @@ class SparseLowRankLinear(StructuredLinear):
             sparse = new
             if done:
                 break
-        uu, s, vh = torch.linalg.svd(w - sparse, full_matrices=False)
+        uu, s, vh = signed_svd(w - sparse)
         root = s[:r].sqrt()
         u, v = uu[:, :r] * root, root[:, None] * vh[:r]
         self._copy(self.u, u)

@@ -77,6 +77,12 @@ SCHEDULES = {
     "gmp": {"sparsity.rules": "[{select: default, target: 0.3, start: 0.25, end: 0.75, interval: 2}]"},
     "nm-pgf": {"model.structure": "{default: {kind: nm, n: 1, m: 8}}",
                "sparsity.rules": "[{method: nm, start: 0.1, end: 0.75, mask_decay: linear, structure_decay: true}]"},
+    "self-guided": {"model.structure": "{default: {kind: lowrank, rank: 8}}",
+                    "sparsity.rules": "[{method: self_guided, end: 0.75, stochastic: true}]"},
+    "dense-to-structured": {"model.structure": "{default: {kind: lowrank, rank: 8}}",
+                            "sparsity.rules": "[{method: dense_to_structured, start: 0.5}]"},
+    "block-size-search": {"sparsity.rules": "[{method: block_size_search, block_sizes: [8, 16], target: 0.5, "
+                                            "start: 0.25, end: 0.75, interval: 1}]"},
 }
 """Runs with sparsity schedules, by label (steps 8: every phase of each schedule is crossed)."""
 RUNS = {**{k: {"model.structure": f"{{default: {s}}}"} for k, s in STRUCTURES.items()}, **SCHEDULES}
