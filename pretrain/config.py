@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
-from model.config import PROJECTIONS, SLOTS, STRUCTURE_KEYS, ModelConfig, StructureSpec, key_covers
+from model.config import PROJECTIONS, STRUCTURE_KEYS, ModelConfig, StructureSpec, key_covers
 from model.structured import REGISTRY, StructureError, spec_params, structure_class
 
 
@@ -227,10 +227,14 @@ class SparsityRule:
     [start, end) and is ``n:m`` from ``end`` (so ``end`` < 1)."""
     interval: int = 10
     """Steps between mask updates inside [start, end]."""
-    granularity: Literal["element", "block"] = "element"
-    """Prune single weights or square blocks of ``block_size`` (blocksparse: its own blocks)."""
+    granularity: Literal["element", "block", "nm"] = "element"
+    """Prune single weights, square blocks of ``block_size`` (blocksparse: its own blocks), or ``nm``: within
+    every group of ``m`` consecutive inputs keep ``round(d(t) m)`` weights, ending at ``target * m`` : ``m``
+    (dense projections)."""
     block_size: int | None = None
     """Side of the blocks for ``granularity: block`` (dense); blocksparse uses its own."""
+    m: int | None = None
+    """Group size of ``granularity: nm`` (``target * m`` must be a whole number: the final n)."""
     scope: Literal["projection", "global"] = "projection"
     """One magnitude threshold per projection, or one across every projection this rule selects."""
 
@@ -342,8 +346,18 @@ class Config:
                                   "(fractions of train.steps)")
             if rule.interval <= 0:
                 raise ConfigError(f"{at}.interval={rule.interval} must be a positive integer")
-            if rule.granularity == "element" and rule.block_size is not None:
+            if rule.granularity != "block" and rule.block_size is not None:
                 raise ConfigError(f"{at}.block_size applies to granularity block only")
+            if (rule.granularity == "nm") != (rule.m is not None):
+                raise ConfigError(f"{at}: granularity nm needs m (the group size), and m belongs to it only")
+            if rule.granularity == "nm":
+                n = rule.target * rule.m
+                if rule.m <= 0 or abs(n - round(n)) > 1e-9 or round(n) < 1:
+                    raise ConfigError(f"{at}: granularity nm keeps target * m = {rule.target} * {rule.m} weights per "
+                                      "group at the end; choose m > 0 with target * m a whole number >= 1")
+                if rule.scope != "projection":
+                    raise ConfigError(f"{at}.scope={rule.scope}: granularity nm selects within each group; scope "
+                                      "projection only")
             if rule.block_size is not None and rule.block_size <= 0:
                 raise ConfigError(f"{at}.block_size={rule.block_size} must be a positive integer")
             if rule.decay_coef is not None and not rule.decay_coef > 0:
@@ -375,27 +389,17 @@ class Config:
 
     def _check_rule_applies(self, at: str, rule: SparsityRule, proj: str) -> None:
         spec = self.model.spec_for(proj)
-        if rule.method in ("self_guided", "dense_to_structured"):
-            if spec.kind == "dense":
-                what = ("guides structured projections with a dense path" if rule.method == "self_guided" else
-                        "converts dense projections to their model.structure")
-                raise ConfigError(f"{at}: method {rule.method} {what}; the {proj} projections are dense (set "
-                                  f"model.structure.{proj} or .{SLOTS[proj].group} to a structure)")
-            return
+        if rule.method in METHOD_KINDS:
+            accepts, what = METHOD_KINDS[rule.method]
+            if not accepts(spec.kind):
+                raise ConfigError(f"{at}: method {rule.method} {what}; the {proj} projections are {spec.kind}")
         if rule.method == "block_size_search":
-            if spec.kind != "dense":
-                raise ConfigError(f"{at}: method block_size_search prunes dense projections by blocks; the {proj} "
-                                  f"projections are {spec.kind}")
             dims = self.model.projection_shape(proj)
             for bs in rule.block_sizes:
                 if any(d % bs for d in dims):
                     raise ConfigError(f"{at}.block_sizes: {bs} does not divide the {proj} projections "
                                       f"({dims[1]} -> {dims[0]})")
-            return
-        if rule.method == "nm":
-            if spec.kind != "nm":
-                raise ConfigError(f"{at}: method nm schedules nm projections; the {proj} projections are "
-                                  f"{spec.kind}")
+        if rule.method != "gmp":
             return
         cls = structure_class(spec.kind)
         if rule.granularity not in cls.prune_granularities:
@@ -404,8 +408,18 @@ class Config:
                               f"apply to the {spec.kind} {proj} projections; it prunes {allowed}")
         if rule.granularity == "block" and rule.block_size is None and spec.kind == "dense":
             raise ConfigError(f"{at}.block_size is required for granularity block on dense projections")
+        if rule.granularity == "nm" and self.model.projection_shape(proj)[1] % rule.m:
+            raise ConfigError(f"{at}.m={rule.m} does not divide the {proj} projections' "
+                              f"{self.model.projection_shape(proj)[1]} inputs")
 
 
+METHOD_KINDS = {
+    "nm": (lambda kind: kind == "nm", "schedules nm projections"),
+    "self_guided": (lambda kind: kind != "dense", "guides structured projections with a dense path"),
+    "dense_to_structured": (lambda kind: kind != "dense", "converts dense projections to their model.structure"),
+    "block_size_search": (lambda kind: kind == "dense", "prunes dense projections by blocks"),
+}
+"""The structures each method other than gmp applies to (gmp: those with ``prune_granularities``)."""
 METHOD_WINDOWS = {"gmp": (0.25, 0.75), "nm": (0.0, 1.0), "self_guided": (0.0, 0.5), "dense_to_structured": (0.5, 1.0),
                   "block_size_search": (0.25, 0.75)}
 """Default ``(start, end)`` of each sparsity method."""

@@ -175,7 +175,7 @@ def enable_pruning(layers: dict[str, StructuredLinear], rules: list[SparsityRule
                 elif rule.method == "dense_to_structured":
                     continue  # no state until the conversion
                 else:
-                    layer.enable_pruning(rule.granularity, rule.block_size)
+                    layer.enable_pruning(rule.granularity, rule.m if rule.granularity == "nm" else rule.block_size)
             except StructureError as e:
                 raise ConfigError(f"sparsity.rules[{i}] ({name}): {e}") from None
 
@@ -264,6 +264,12 @@ class SparsitySchedule:
             if not is_update_step(rule, self.steps, step):
                 continue
             density = gmp_density(rule, self.steps, step)
+            if rule.granularity == "nm":  # per group: no threshold to agree on (a row split keeps groups whole)
+                n = max(round(rule.target * rule.m), min(rule.m, round(density * rule.m)))
+                for layer in sel.values():
+                    layer.set_group_mask(n, rule.m)
+                changed = True
+                continue
             names = sorted(sel)
             scores = [sel[n].prune_scores() for n in names]
             units = torch.tensor([s.numel() for s in scores], dtype=torch.int64)

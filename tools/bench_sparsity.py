@@ -29,7 +29,9 @@ CLAIRE-Labo/StructuredFFN):
 The claim checked: self-guided low-rank ends below plain low-rank at equal steps.
 
 Each row: final density, final and average parameters (``sparsity/avg_params``), training FLOPs spent, and
-the final validation loss against dense and against the suite's baseline (static, or nm-ste).
+the final validation loss against dense and against the suite's baseline (static, or nm-ste). ``--plot``
+(default ``runs/bench-sparsity.png``) draws, per suite, the training loss of every run against the FLOPs it
+has spent and its final validation loss against its average parameter count.
 """
 
 import argparse
@@ -80,13 +82,40 @@ def run_one(config: str, name: str, args, out_dir: Path) -> dict:
     result = trainer.fit()
     rec, _ = run_records(out_dir)
     last = rec[args.steps]
+    per_step = 3.0 * trainer.flops["forward"] * trainer.cfg.train.global_batch * trainer.cfg.data.seq_len
+    curve = [(rec[s].get("sparsity/flops_spent", per_step * s), rec[s]["train/loss"]) for s in sorted(rec)
+             if s > 0 and "train/loss" in rec[s]]
     row = {"val": result["val/loss"], "params": trainer.full_params, "avg_params": trainer.full_params,
-           "density": 1.0, "flops": 3.0 * trainer.flops["forward"] * args.steps * trainer.cfg.train.global_batch
-           * trainer.cfg.data.seq_len}
+           "density": 1.0, "flops": per_step * args.steps, "curve": curve}
     if "sparsity/params" in last:
         row.update(params=last["sparsity/params"], avg_params=last["sparsity/avg_params"],
                    density=last.get("sparsity/density", 1.0), flops=last["sparsity/flops_spent"])
     return row
+
+
+def plot(suites: list[str], rows: dict[str, dict], path: Path) -> None:
+    """One row of two panels per suite: training loss against FLOPs spent; final validation loss against
+    average parameters."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(suites), 2, figsize=(11, 4 * len(suites)), squeeze=False)
+    for (left, right), suite in zip(axes, suites):
+        for name in ("dense", *SUITES[suite][2]):
+            r = rows[name]
+            flops, loss = zip(*r["curve"])
+            left.plot(flops, loss, label=name, linewidth=1)
+            right.scatter([r["avg_params"]], [r["val"]])
+            right.annotate(name, (r["avg_params"], r["val"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        left.set(title=f"{suite}: training loss", xlabel="training FLOPs spent", ylabel="loss", yscale="log")
+        left.legend(fontsize=8)
+        right.set(title=f"{suite}: final validation loss", xlabel="average parameters", ylabel="loss")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def report(suite: str, rows: dict[str, dict], args) -> None:
@@ -127,6 +156,7 @@ def main(argv=None) -> int:
     ap.add_argument("--suite", action="append", choices=sorted(SUITES),
                     help="gmp (schedules against static sparsity), nm (2:4 training methods) or guided "
                          "(self-guided low-rank); default all three")
+    ap.add_argument("--plot", default="runs/bench-sparsity.png", help="PNG of the runs (none: no plot)")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra config override")
     args = ap.parse_args(argv)
     if not 0.0 < args.target <= 1.0 or args.steps < 20 or args.interval <= 0:
@@ -145,6 +175,9 @@ def main(argv=None) -> int:
                 return 2
     for suite in suites:
         report(suite, rows, args)
+    if args.plot != "none":
+        plot(suites, rows, Path(args.plot))
+        print(f"\nplot: {args.plot}")
     return 0
 
 

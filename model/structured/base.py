@@ -342,6 +342,13 @@ class BlockMasked:
         """``block_scores`` of the pruning units, shaped like their grid."""
         return self.block_scores(self.prune_block)
 
+    def set_group_mask(self, n: int, m: int) -> None:
+        """Keep the ``n`` largest magnitudes of the masked weight in every group of ``m`` consecutive inputs (pruned
+        weights score 0, so they stay pruned while ``n`` decreases)."""
+        from kernels.nm import nm_mask
+
+        self.set_prune_mask(nm_mask(self.masked_weight().detach(), n, m))
+
     def set_prune_mask(self, keep: torch.Tensor) -> None:
         """Keep the units ``keep`` (a bool grid of ``prune_block`` units)."""
         k = self.prune_block // self.mask_block

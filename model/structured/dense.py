@@ -15,7 +15,7 @@ class DenseLinear(BlockMasked, StructuredLinear):
     """
 
     name = "dense"
-    prune_granularities = ("element", "block")
+    prune_granularities = ("element", "block", "nm")
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features)
@@ -24,6 +24,10 @@ class DenseLinear(BlockMasked, StructuredLinear):
         self.mask_block = 1
 
     def enable_pruning(self, granularity, block_size):
+        if granularity == "nm":  # an element mask whose updates keep the top weights of every group of m inputs
+            self.check_divides("m", block_size, in_features=self.in_features)
+            self.nm_group = block_size
+            granularity = "element"
         bs = 1 if granularity == "element" else block_size
         self.check_divides("block_size", bs, in_features=self.in_features, out_features=self.out_features)
         self.mask_block = bs
@@ -48,8 +52,10 @@ class DenseLinear(BlockMasked, StructuredLinear):
     def shard(self, tp_rank, tp_size, style, comm):
         dim = 0 if style == "column" else 1
         units = {"out_features": self.out_features} if dim == 0 else {"in_features": self.in_features}
-        if self.mask is not None:  # whole mask blocks (of the largest block a search may choose) on every rank
-            largest = getattr(self, "search_max", self.mask_block)
+        if self.mask is not None:  # whole units on every rank: mask blocks, the largest block a search may choose,
+            largest = getattr(self, "search_max", self.mask_block)  # and under a row split whole N:M groups
+            if dim == 1:
+                largest = max(largest, getattr(self, "nm_group", 1))
             units = {("mask_block_rows" if dim == 0 else "mask_block_columns"):
                      self.mask.shape[dim] * self.mask_block // largest}
         self.check_tp(tp_size, **units)

@@ -44,6 +44,16 @@ def test_kth_largest_by_bisection_equals_topk():
         assert kept == (kk if s.unique().numel() == s.numel() else s.numel())  # ties at the threshold: all kept
 
 
+def straight_and_resumed(store, tmp_path, over: dict, stop: int) -> tuple[dict, dict, object]:
+    """The same run straight through and stopped after ``stop`` steps then resumed: both runs' metrics by step,
+    and the straight run's directory."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(cli(tiny_overrides(store, straight, **over))) == 0
+    assert main(cli(tiny_overrides(store, split, **over, **{"train.exit_after_steps": stop}))) == 0
+    assert main([*cli(tiny_overrides(store, split, **over)), "--resume", "auto"]) == 0
+    return read_metrics(straight / "metrics.jsonl"), read_metrics(split / "metrics.jsonl"), straight
+
+
 def _run(args, out, extra=()):
     return main(cli([*args(out), *extra]))
 
@@ -117,11 +127,14 @@ def test_resume_mid_schedule_gives_identical_losses_and_masks(gmp_args, tmp_path
         ("[{method: nm, select: mlp, structure_decay: true}]", r"rules\[0\].structure_decay reaches the final n:m"),
         ("[{method: nm, select: mlp, mask_decay: linear, decay_coef: -1}]", r"decay_coef=-1.0 must be positive"),
         ("[{method: self_guided}]", r"rules\[0\]: method self_guided guides structured projections with a dense "
-                                    r"path; the q projections are dense \(set model.structure.q or .attn"),
+                                    r"path; the q projections are dense"),
         ("[{method: dense_to_structured, select: mlp}]", r"method dense_to_structured converts dense projections"),
         ("[{method: block_size_search, block_sizes: [8, 12]}]", r"block_sizes=\[8, 12\]: positive integers, each a "),
         ("[{method: block_size_search, start: 0.0}]", r"rules\[0\].start=0.0 leaves no search window"),
         ("[{method: block_size_search, block_sizes: [8, 128]}]", r"block_sizes: 128 does not divide the q projections"),
+        ("[{granularity: nm, m: 4, target: 0.3}]", r"granularity nm keeps target \* m = 0.3 \* 4 weights per group"),
+        ("[{granularity: nm, target: 0.5}]", r"granularity nm needs m \(the group size\)"),
+        ("[{granularity: nm, m: 4, target: 0.5, scope: global}]", r"scope=global: granularity nm selects within"),
         ("[{stochastic: true}]", r"rules\[0\].stochastic belongs to method self_guided, not gmp"),
         ("[{granularity: block}]", r"block_size is required for granularity block"),
         ("[{granularity: block, block_size: 5}]", r"dense.block_size=5 must divide"),
@@ -163,11 +176,7 @@ NM = {"model.structure": "{default: {kind: dense}, mlp: {kind: nm, n: 1, m: 8}}"
 
 
 def test_nm_schedule_runs_its_phases_resumes_exactly_and_freezes_the_mask(tiny_store, tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert main(cli(tiny_overrides(tiny_store, straight, **NM))) == 0
-    assert main(cli(tiny_overrides(tiny_store, split, **NM, **{"train.exit_after_steps": 10}))) == 0
-    assert main([*cli(tiny_overrides(tiny_store, split, **NM)), "--resume", "auto"]) == 0
-    a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(split / "metrics.jsonl")
+    a, b, straight = straight_and_resumed(tiny_store, tmp_path, NM, 10)
     for s in range(1, 21):
         assert a[s]["train/loss"] == b[s]["train/loss"], s
         assert {k: v for k, v in a[s].items() if k.startswith("sparsity/")} == \
@@ -184,7 +193,7 @@ def test_nm_schedule_runs_its_phases_resumes_exactly_and_freezes_the_mask(tiny_s
     from pretrain.checkpoint import load_model
 
     ma, _, _ = load_model(straight / "checkpoints")
-    mb, _, _ = load_model(split / "checkpoints")
+    mb, _, _ = load_model(tmp_path / "split" / "checkpoints")
     for name, layer in ma.structured_layers().items():
         if name.split(".")[-1] in ("gate", "up", "down"):
             other = mb.structured_layers()[name]
@@ -214,11 +223,7 @@ GUIDED = {"model.structure": "{default: {kind: dense}, mlp: {kind: lowrank, rank
 def test_self_guided_mixes_then_frees_the_guide_and_resumes_exactly(tiny_store, tmp_path):
     """Guide weight 1 to step 2, cosine to 0 at step 10, where the guides are freed; stopped at step 12 (after
     the free) and resumed: the same losses as straight through, and checkpoints hold guides only while live."""
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert main(cli(tiny_overrides(tiny_store, straight, **GUIDED))) == 0
-    assert main(cli(tiny_overrides(tiny_store, split, **GUIDED, **{"train.exit_after_steps": 12}))) == 0
-    assert main([*cli(tiny_overrides(tiny_store, split, **GUIDED)), "--resume", "auto"]) == 0
-    a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(split / "metrics.jsonl")
+    a, b, straight = straight_and_resumed(tiny_store, tmp_path, GUIDED, 12)
     rule = SparsityRule(method="self_guided", start=0.1, end=0.5)
     for s in range(1, 21):
         assert a[s]["train/loss"] == b[s]["train/loss"], s
@@ -275,11 +280,7 @@ D2S = {"model.structure": "{default: {kind: dense}, mlp: {kind: lowrank, rank: 8
 def test_dense_to_structured_converts_logs_errors_and_resumes_exactly(stop, tiny_store, tmp_path):
     """o trains dense to step 6 and mlp to step 10, then each continues as its structure from from_dense; stopped
     between the conversions or exactly at the checkpoint written just before one, and resumed: the same losses."""
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert main(cli(tiny_overrides(tiny_store, straight, **D2S))) == 0
-    assert main(cli(tiny_overrides(tiny_store, split, **D2S, **{"train.exit_after_steps": stop}))) == 0
-    assert main([*cli(tiny_overrides(tiny_store, split, **D2S)), "--resume", "auto"]) == 0
-    a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(split / "metrics.jsonl")
+    a, b, straight = straight_and_resumed(tiny_store, tmp_path, D2S, stop)
     assert all(a[s]["train/loss"] == b[s]["train/loss"] for s in range(1, 21))
     errors = {s: {k: v for k, v in a[s].items() if "projection_error" in k} for s in range(1, 21)}
     assert sorted(s for s, e in errors.items() if e) == [7, 11]  # logged with the step that converted (6, 10)
@@ -337,11 +338,7 @@ SEARCH = {"train.steps": 20, "checkpoint.interval": 4, "checkpoint.keep": 0,
 
 
 def test_block_size_search_logs_decides_and_resumes_mid_search_exactly(tiny_store, tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert main(cli(tiny_overrides(tiny_store, straight, **SEARCH))) == 0
-    assert main(cli(tiny_overrides(tiny_store, split, **SEARCH, **{"train.exit_after_steps": 4}))) == 0
-    assert main([*cli(tiny_overrides(tiny_store, split, **SEARCH)), "--resume", "auto"]) == 0
-    a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(split / "metrics.jsonl")
+    a, b, straight = straight_and_resumed(tiny_store, tmp_path, SEARCH, 4)
     assert all(a[s]["train/loss"] == b[s]["train/loss"] for s in range(1, 21))
     scored = [s - 1 for s in range(1, 21) if "sparsity/block_search/8" in a[s]]
     assert scored == [0, 2, 4, 6]  # every interval before t0 = 6, and the decision at 6
@@ -357,3 +354,37 @@ def test_block_size_search_logs_decides_and_resumes_mid_search_exactly(tiny_stor
             k = chosen // 8
             assert int(layer.prune_block_size) == chosen
             assert torch.equal(layer.mask, layer.mask[::k, ::k].repeat_interleave(k, 0).repeat_interleave(k, 1))
+
+
+def test_gmp_at_nm_granularity_decays_n_per_group_and_shards_exactly():
+    """8:8 -> 2:8 on the cubic schedule: round(d(t) * 8) weights kept in every group of 8 inputs; a row-split
+    shard (whole groups) selects exactly the full layer's mask slice."""
+    from model.config import StructureSpec
+    from model.structured import build_linear
+    from pretrain.sparsity import SparsitySchedule, enable_pruning
+
+    rule = SparsityRule(target=0.25, m=8, granularity="nm", start=0.0, end=0.5, interval=2)
+    layer = build_linear(StructureSpec("dense"), 64, 16)
+    layer.reset_parameters(0.02, torch.Generator().manual_seed(0))
+    layers = {"layers.0.mlp.down": layer}
+    enable_pruning(layers, [rule])
+
+    class Comm:
+        rank, size = 0, 2
+
+        def reduce(self, t):
+            return t
+
+    shards = [layer.shard(r, 2, "row", Comm()).layer for r in range(2)]
+    sched = SparsitySchedule([rule], 20, layers, None, None, params=0, forward_flops=0, tokens_per_step=1)
+    for step in range(12):
+        sched.update(step)
+        if is_update_step(rule, 20, step):
+            n = max(2, round(gmp_density(rule, 20, step) * 8))
+            assert (layer.mask.reshape(16, 8, 8).sum(-1) == n).all(), step
+            for r, shard in enumerate(shards):
+                shard.set_group_mask(n, 8)
+                assert torch.equal(shard.mask, layer.mask.chunk(2, 1)[r]), step
+                with torch.no_grad():
+                    shard.weight.copy_(layer.weight.chunk(2, 1)[r])
+    assert sched.metrics()["sparsity/density"] == 0.25

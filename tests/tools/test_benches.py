@@ -48,8 +48,10 @@ def test_bench_sparsity_prints_the_schedule_table_and_a_verdict(tiny_store, tmp_
     monkeypatch.chdir(ROOT)
     over = [o for o in tiny_overrides(tiny_store, tmp_path) if not o.startswith(("train.out_dir", "train.steps",
                                                                                   "train.eval_interval"))]
-    args = ["--steps", "20", "--target", "0.5", "--interval", "2", *sum((["--set", o] for o in over), [])]
+    args = ["--steps", "20", "--target", "0.5", "--interval", "2", "--plot", str(tmp_path / "p.png"),
+            *sum((["--set", o] for o in over), [])]
     assert bench_sparsity.main(args) == 0
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     rows = _rows(out)
     assert set(rows) == {"dense", "static", "gmp-early", "gmp-25-75", "gmp-late", "nm-ste", "nm-srste", "nm-mdgf",
