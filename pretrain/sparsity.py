@@ -137,16 +137,14 @@ def conversion_steps(rules: list[SparsityRule], steps: int) -> set[int]:
 
 
 def conversions_due(layers: dict[str, StructuredLinear], rules: list[SparsityRule], model: ModelConfig, steps: int,
-                    step: int) -> dict[str, StructureSpec]:
-    """The still-dense layers of ``dense_to_structured`` rules whose conversion step has come, and the structure
+                    first: int, last: int) -> dict[str, StructureSpec]:
+    """The layers of ``dense_to_structured`` rules converting at a step in ``[first, last]``, and the structure
     each becomes."""
     due = {}
     for rule in rules:
-        if rule.method == "dense_to_structured" and step >= boundaries(rule, steps)[0]:
-            for name, layer in selected(layers, rule).items():
-                spec = model.spec_for(slot_of(name))
-                if layer.name == "dense" and spec.kind != "dense":
-                    due[name] = spec
+        if rule.method == "dense_to_structured" and first <= boundaries(rule, steps)[0] <= last:
+            for name in selected(layers, rule):
+                due[name] = model.spec_for(slot_of(name))
     return due
 
 

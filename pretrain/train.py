@@ -189,7 +189,7 @@ class Trainer:
         if self.sparsity is not None:  # the model as it was when the checkpoint was written
             step = int(meta["step"])  # written before train_step(step): conversions of earlier steps only
             if any(k < step for k in conversion_steps(self.cfg.sparsity.rules, self.cfg.train.steps)):
-                self._convert(step - 1)
+                self._convert(0, step - 1)
             self._free_guides(self.sparsity.guides_done(step))
             parts.update({k: self.state[k] for k in parts if k in ("model", "optim")})
         self.ckpt.load(path, parts)
@@ -197,12 +197,12 @@ class Trainer:
             print(f"resumed from {path} at step {self.step} ({self.consumed:,} samples consumed; written at "
                   f"{meta.get('topology', {})})", file=sys.stderr)
 
-    def _convert(self, step: int) -> dict[str, float]:
-        """``dense_to_structured``: replace the dense layers whose conversion step has come by their structure
-        (``from_dense`` of the full matrix; fresh optimizer state). Collective: every rank calls it at a
-        conversion step. Returns each converted projection's relative projection error."""
+    def _convert(self, first: int, last: int) -> dict[str, float]:
+        """``dense_to_structured``: replace the (dense) layers of the rules converting at steps ``first..last`` by
+        their structure (``from_dense`` of the full matrix; fresh optimizer state). Collective: every rank calls
+        it at a conversion step (and on resuming past one). Returns each projection's relative projection error."""
         layers = self.model.structured_layers()
-        due = conversions_due(layers, self.cfg.sparsity.rules, self.cfg.model, self.cfg.train.steps, step)
+        due = conversions_due(layers, self.cfg.sparsity.rules, self.cfg.model, self.cfg.train.steps, first, last)
         errors, old, new = {}, [], []
         delta = torch.zeros(2, dtype=torch.float64)
         for name in sorted(due):
@@ -232,7 +232,7 @@ class Trainer:
             merged.update(part)
         if self.rank == 0 and merged:
             worst = max(merged.values())
-            print(f"step {step}: dense_to_structured converted {len(merged)} projections (projection error "
+            print(f"step {last}: dense_to_structured converted {len(merged)} projections (projection error "
                   f"{min(merged.values()):.3f}-{worst:.3f}); parameters now {self.full_params:,}", file=sys.stderr)
         return merged
 
@@ -273,7 +273,7 @@ class Trainer:
         self.sparse_update = {}
         if self.sparsity is not None:
             if self.step in conversion_steps(self.cfg.sparsity.rules, self.cfg.train.steps):
-                self.sparse_update.update(self._convert(self.step))
+                self.sparse_update.update(self._convert(self.step, self.step))
             self.sparse_update.update(self.sparsity.update(self.step))
             self._free_guides(self.sparsity.guides_done(self.step))
         start = self.progress.consumed_samples + self.model.dp_rank * self.local_batch
