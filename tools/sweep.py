@@ -388,8 +388,8 @@ def read_points(path: Path) -> list[dict]:
 
 
 def fit(rows: list[dict], bootstrap: int) -> dict:
-    """Approach 3 on total parameters, the same law on average parameters (when any run is sparse), approach 2
-    when points carry budgets; with the compute-optimal allocation."""
+    """Approach 3 on total parameters (all points, and per structure), the same law on average parameters (when
+    any run is sparse), approach 2 when points carry budgets; with the compute-optimal allocation."""
     from tools.scaling import FitError, fit_isoflop, fit_law
 
     rows = [r for r in rows if r.get("loss") not in ("", None)]
@@ -402,21 +402,32 @@ def fit(rows: list[dict], bootstrap: int) -> dict:
                                   (1e18, 1e20, 1e22)}
     except FitError as e:
         out["approach3_error"] = str(e)
+    by_structure = {}
+    for name in sorted({r.get("structure", "") for r in rows} - {""}):
+        sel = [r for r in rows if r.get("structure") == name]
+        try:
+            by_structure[name] = fit_law(*([float(r[k]) for r in sel] for k in ("params", "tokens", "loss")),
+                                         bootstrap=bootstrap).as_dict()
+        except FitError as e:
+            by_structure[name] = {"error": str(e)}
+    if len(by_structure) > 1:
+        out["by_structure"] = by_structure
     avg = [float(r.get("avg_params") or r["params"]) for r in rows]
     if any(abs(a - p) > 0.5 for a, p in zip(avg, n)):
         try:
             out["average_params"] = fit_law(avg, d, loss, bootstrap=bootstrap).as_dict()
         except FitError as e:
             out["average_params_error"] = str(e)
-    if any(r.get("budget") not in ("", None) for r in rows):
-        sel = [r for r in rows if r.get("budget") not in ("", None)]
+    budgeted = [r for r in rows if r.get("budget") not in ("", None)]
+    for group in sorted({_group(r) for r in budgeted}):  # one isoFLOP analysis per structure and schedule
+        sel = [r for r in budgeted if _group(r) == group]
         try:
             iso = fit_isoflop([float(r.get("flops") or 6 * float(r["params"]) * float(r["tokens"])) for r in sel],
                               [float(r["params"]) for r in sel], [float(r["tokens"]) for r in sel],
                               [float(r["loss"]) for r in sel], [float(r["budget"]) for r in sel])
-            out["approach2"] = asdict(iso)
+            out.setdefault("approach2", {})[group] = asdict(iso)
         except FitError as e:
-            out["approach2_error"] = str(e)
+            out.setdefault("approach2", {})[group] = {"error": str(e)}
     return out
 
 
@@ -430,15 +441,38 @@ def describe_fit(res: dict) -> str:
             lines.append(f"{title}: {Law(**res[key]).describe()}")
         elif f"{key}_error" in res:
             lines.append(f"{title}: not fitted ({res[key + '_error']})")
+    for name, law in res.get("by_structure", {}).items():
+        lines.append(f"  {name}: " + (Law(**law).describe() if "error" not in law else f"not fitted ({law['error']})"))
     for c, alloc in res.get("compute_optimal", {}).items():
         lines.append(f"compute-optimal at C={c} (C = 6ND): N={alloc['params']:.3g}, D={alloc['tokens']:.3g}")
-    if "approach2" in res:
-        a = res["approach2"]
-        lines.append(f"approach 2: N_opt = {a['n_coefficient']:.3g} C^{a['n_exponent']:.3f}, "
-                     f"D_opt = {a['d_coefficient']:.3g} C^{a['d_exponent']:.3f} over {len(a['budgets'])} budgets")
-    elif "approach2_error" in res:
-        lines.append(f"approach 2: not fitted ({res['approach2_error']})")
+    for group, a in res.get("approach2", {}).items():
+        if "error" in a:
+            lines.append(f"approach 2, {group}: not fitted ({a['error']})")
+            continue
+        at_edge = sum(n <= min(a["n_opt"]) * 1.0001 for n in a["n_opt"])
+        lines.append(f"approach 2, {group}: N_opt = {a['n_coefficient']:.3g} C^{a['n_exponent']:.3f}, D_opt = "
+                     f"{a['d_coefficient']:.3g} C^{a['d_exponent']:.3f} over {len(a['budgets'])} budgets"
+                     + (f" ({at_edge} minima at the sweep's smallest size: the optimum lies below it)"
+                        if at_edge > 1 else ""))
     return "\n".join(lines)
+
+
+def _group(row: dict) -> str:
+    return f"{row.get('structure') or 'all'}" + (f"+{row['sparsity']}" if row.get("sparsity") not in ("", None, "none")
+                                                 else "")
+
+
+def _frontier(law, rows: list[dict], flops) -> list[float]:
+    """The lowest loss the law predicts at each compute budget over model sizes within the points' range, with
+    the points' exact training FLOPs per token (a power law in N fitted through them) setting D = C / f(N)."""
+    import numpy as np
+
+    n = np.array([float(r["params"]) for r in rows])
+    fpt = np.array([float(r["flops"]) / float(r["tokens"]) for r in rows])
+    slope, icpt = np.polyfit(np.log(n), np.log(fpt), 1) if len(set(n.tolist())) > 1 else (0.0, np.log(fpt.mean()))
+    sizes = np.logspace(np.log10(n.min()), np.log10(n.max()), 200)
+    per_token = np.exp(icpt + slope * np.log(sizes))
+    return [float(np.min(law(sizes, c / per_token))) for c in flops]
 
 
 def report(sweep: Sweep, points: list[Point], bootstrap: int) -> Path:
@@ -459,22 +493,29 @@ def report(sweep: Sweep, points: list[Point], bootstrap: int) -> Path:
     law = Law(**res["approach3"]) if "approach3" in res else None
     figs = []
     fig, ax = plt.subplots(figsize=(7, 5))
+    cs = np.logspace(math.log10(min(r["flops"] for r in rows)), math.log10(max(r["flops"] for r in rows)), 50)
     for s in sorted({r["structure"] for r in rows}):
         sel = [r for r in rows if r["structure"] == s]
-        ax.scatter([r["flops"] for r in sel], [r["loss"] for r in sel], label=s or "points")
-    if law is not None:
-        cs = np.logspace(math.log10(min(r["flops"] for r in rows)), math.log10(max(r["flops"] for r in rows)), 50)
-        ax.plot(cs, [law(*law.optimal(c)) for c in cs], "k--", label="fitted frontier (C = 6ND)")
-    ax.set(xscale="log", xlabel="training FLOPs", ylabel="final validation loss", title="loss against compute")
+        dots = ax.scatter([r["flops"] for r in sel], [r["loss"] for r in sel], label=s or "points")
+        own = res.get("by_structure", {}).get(s) or res.get("approach3")
+        if own and "error" not in own:
+            ax.plot(cs, _frontier(Law(**own), sel, cs), "--", color=dots.get_facecolor()[0], label=f"{s} frontier")
+    ax.set(xscale="log", xlabel="training FLOPs (exact)", ylabel="final validation loss", title="loss against compute")
     ax.legend(fontsize=8)
     figs.append(("loss_vs_compute.png", fig))
     if any(r["budget"] != "" for r in rows):
         fig, ax = plt.subplots(figsize=(7, 5))
-        for b in sorted({r["budget"] for r in rows if r["budget"] != ""}):
-            sel = sorted((r for r in rows if r["budget"] == b), key=lambda r: r["params"])
-            ax.plot([r["params"] for r in sel], [r["loss"] for r in sel], "o-", label=f"C={float(b):.2g}")
+        budgets = sorted({float(r["budget"]) for r in rows if r["budget"] != ""})
+        groups = sorted({_group(r) for r in rows if r["budget"] != ""})
+        styles = ["-", "--", ":", "-."]
+        for gi, g in enumerate(groups):
+            for bi, b in enumerate(budgets):
+                sel = sorted((r for r in rows if r["budget"] != "" and float(r["budget"]) == b and _group(r) == g),
+                             key=lambda r: r["params"])
+                ax.plot([r["params"] for r in sel], [r["loss"] for r in sel], "o" + styles[gi % 4], color=f"C{bi}",
+                        label=f"{g}, C={b:.2g}")
         ax.set(xscale="log", xlabel="parameters", ylabel="final validation loss", title="isoFLOP curves")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
         figs.append(("isoflop.png", fig))
     fig, ax = plt.subplots(figsize=(7, 5))
     for s in sorted({r["sparsity"] for r in rows}):
