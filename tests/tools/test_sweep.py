@@ -125,7 +125,8 @@ def test_killed_runner_resumes_without_redoing_finished_points_then_reports(tiny
     assert sw.main(["run", str(path), "--executor", "slurm", "--dry-run"]) == 0
     script = capsys.readouterr().out
     todo = [p for p in points if sw.state(p)["state"] != "done"]
-    assert f"#SBATCH --array=0-{len(todo) - 1}%8" in script and script.count("exec bash launch/slurm.sbatch") == len(todo)
+    assert f"#SBATCH --array=0-{len(todo) - 1}%8" in script
+    assert script.count("exec bash launch/slurm.sbatch") == len(todo)
     assert points[0].dir not in script and all(p.dir in script for p in todo)
     (tmp_path / "array.sbatch").write_text(script)
     assert subprocess.run(["bash", "-n", str(tmp_path / "array.sbatch")]).returncode == 0
@@ -141,3 +142,22 @@ def test_killed_runner_resumes_without_redoing_finished_points_then_reports(tiny
     rows = (tmp_path / "out" / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + len(points) and rows[0].startswith("id,structure,size,sparsity,budget,params")
     assert any((tmp_path / "out" / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_a_failed_point_shows_its_error_line_and_the_others_go_on(tiny_store, tmp_path, capsys):
+    path = _sweep(tmp_path, tiny_store)
+    spec = yaml.safe_load(path.read_text())
+    spec["axes"] = {"structure": {"dense": {"default": {"kind": "dense"}}}, "steps": [2],
+                    "size": {"s": {"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 96}},
+                    "lr": {"ok": 0.003, "gpu": 0.001}}
+    spec["exclude"] = []
+    path.write_text(yaml.safe_dump(spec))
+    points = sw.plan(sw.load_sweep(path))
+    bad = next(p for p in points if p.labels["lr"] == "gpu")
+    bad.overrides.append("train.device=cuda")  # valid config, fails when the run starts on this machine
+    sweep = sw.load_sweep(path)
+    assert sw.run(sweep, points, "local", dry_run=False) == 1
+    assert sw.state(bad)["state"] == "failed" and "train.device=cuda" in sw.state(bad)["error"]
+    assert [sw.state(p)["state"] for p in points if p is not bad] == ["done"]
+    table = sw.status_table(points)
+    assert "| failed |" in table and "train.device=cuda" in table and "| done |" in table
