@@ -161,3 +161,9 @@ def test_a_failed_point_shows_its_error_line_and_the_others_go_on(tiny_store, tm
     assert [sw.state(p)["state"] for p in points if p is not bad] == ["done"]
     table = sw.status_table(points)
     assert "| failed |" in table and "train.device=cuda" in table and "| done |" in table
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweep_files_load(path):
+    sweep = sw.load_sweep(path)
+    assert sweep.base.is_file() and sweep.axes and (sweep.budgets or "steps" in sweep.axes or "tokens" in sweep.axes)
