@@ -58,6 +58,18 @@ class GaloreConfig:
 
 
 @dataclass
+class SGDConfig:
+    """SGD with momentum (``optim.name: sgd``); torch.optim.SGD's defaults apart from the momentum."""
+
+    momentum: float = 0.9
+    """Momentum coefficient (0: plain SGD)."""
+    dampening: float = 0.0
+    """Dampening of the gradient in the momentum buffer."""
+    nesterov: bool = False
+    """Nesterov momentum (needs momentum > 0 and dampening 0)."""
+
+
+@dataclass
 class MLBFGSConfig:
     """Momentum L-BFGS with a block-wise Hessian (``optim.name: mlbfgs``)."""
 
@@ -80,7 +92,7 @@ class OptimConfig:
     """Optimizer and learning-rate schedule (the same LR schedule, weight decay and clipping for every
     optimizer; all three are block-wise distributed over the data-parallel group)."""
 
-    name: Literal["adamw", "galore", "mlbfgs"] = "adamw"
+    name: Literal["adamw", "galore", "mlbfgs", "sgd"] = "adamw"
     """Optimizer."""
     lr: float = 3e-3
     """Peak learning rate."""
@@ -104,6 +116,8 @@ class OptimConfig:
     """GaLore settings (used when name is galore)."""
     mlbfgs: MLBFGSConfig = field(default_factory=MLBFGSConfig)
     """mL-BFGS settings (used when name is mlbfgs)."""
+    sgd: SGDConfig = field(default_factory=SGDConfig)
+    """SGD settings (used when name is sgd)."""
 
 
 @dataclass
@@ -313,6 +327,13 @@ class Config:
         if not 0.0 < mb.min_curvature < mb.max_curvature or mb.trust <= 0:
             raise ConfigError(f"optim.mlbfgs needs 0 < min_curvature < max_curvature and trust > 0; got "
                               f"{mb.min_curvature}, {mb.max_curvature}, {mb.trust}")
+        sg = o.sgd
+        if not 0.0 <= sg.momentum < 1.0 or not 0.0 <= sg.dampening <= 1.0:
+            raise ConfigError(f"optim.sgd needs 0 <= momentum < 1 and 0 <= dampening <= 1; got {sg.momentum}, "
+                              f"{sg.dampening}")
+        if sg.nesterov and (sg.momentum == 0 or sg.dampening != 0):
+            raise ConfigError(f"optim.sgd.nesterov needs momentum > 0 and dampening 0; got {sg.momentum}, "
+                              f"{sg.dampening}")
         if self.checkpoint.interval < 0 or self.checkpoint.keep < 0:
             raise ConfigError("checkpoint.interval and checkpoint.keep must be >= 0")
         if t.exit_after_steps is not None and t.exit_after_steps <= 0:
@@ -572,6 +593,6 @@ def dump_config(cfg: Config) -> str:
 
 
 __all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "LogConfig", "ModelConfig", "OptimConfig",
-           "ParallelConfig", "SparsityConfig", "SparsityRule",
+           "ParallelConfig", "SGDConfig", "SparsityConfig", "SparsityRule",
            "StructureSpec", "TrainConfig", "UserError", "apply_override", "dump_config", "from_dict", "load_config",
            "to_dict"]

@@ -30,7 +30,7 @@ from pretrain.train import Trainer, build_model
 from tools.bench_common import WARMUP_STEPS, quiet_run, ratio, run_records
 
 RECIPES = {"adamw": "configs/tiny-cpu.yaml", "galore": "configs/tiny-cpu-galore.yaml",
-           "mlbfgs": "configs/tiny-cpu-mlbfgs.yaml"}
+           "mlbfgs": "configs/tiny-cpu-mlbfgs.yaml", "sgd": "configs/tiny-cpu-sgd.yaml"}
 
 
 class StepTimer:

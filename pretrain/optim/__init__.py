@@ -5,11 +5,12 @@ from pretrain.optim.adamw import AdamW
 from pretrain.optim.base import BlockOptimizer, assign_owners, ownership_report
 from pretrain.optim.galore import GaLore, dct_basis
 from pretrain.optim.mlbfgs import MomentumLBFGS
+from pretrain.optim.sgd import SGD
 
-OPTIMIZERS = {cls.name: cls for cls in (AdamW, GaLore, MomentumLBFGS)}
+OPTIMIZERS = {cls.name: cls for cls in (AdamW, GaLore, MomentumLBFGS, SGD)}
 
-__all__ = ["AdamW", "BlockOptimizer", "GaLore", "MomentumLBFGS", "OPTIMIZERS", "assign_owners", "build_optimizer",
-           "dct_basis", "ownership_report"]
+__all__ = ["SGD", "AdamW", "BlockOptimizer", "GaLore", "MomentumLBFGS", "OPTIMIZERS", "assign_owners",
+           "build_optimizer", "dct_basis", "ownership_report"]
 
 
 def build_optimizer(cfg: OptimConfig, named_params, groups: list[dict], dp_group=None) -> BlockOptimizer:
@@ -30,4 +31,6 @@ def build_optimizer(cfg: OptimConfig, named_params, groups: list[dict], dp_group
         m = cfg.mlbfgs
         return MomentumLBFGS(named_params, groups, cfg.lr, m.history, m.momentum, m.update_period, m.min_curvature,
                              m.max_curvature, m.trust, dp_group)
+    if cfg.name == "sgd":
+        return SGD(named_params, groups, cfg.lr, cfg.sgd.momentum, cfg.sgd.dampening, cfg.sgd.nesterov, dp_group)
     raise ValueError(f"optim.name={cfg.name!r}; allowed: {', '.join(OPTIMIZERS)}")

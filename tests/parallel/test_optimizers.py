@@ -107,7 +107,8 @@ def test_block_ownership_matches_the_single_process_optimizer(world, tp):
 
 
 OPTIMIZERS = {"adamw": [], "galore": ["optim.galore.rank=4", "optim.galore.update_gap=4"],
-              "mlbfgs": ["optim.lr=0.5", "optim.weight_decay=0.001"]}
+              "mlbfgs": ["optim.lr=0.5", "optim.weight_decay=0.001"],
+              "sgd": ["optim.lr=0.1", "optim.sgd.nesterov=true"]}
 
 
 @pytest.mark.dist

@@ -44,6 +44,23 @@ def test_adamw_matches_torch_adamw():
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("momentum,dampening,nesterov", [(0.9, 0.0, False), (0.9, 0.0, True), (0.0, 0.0, False)])
+def test_sgd_matches_torch_sgd(momentum, dampening, nesterov):
+    from pretrain.optim import SGD
+
+    ours, ref = params(), params()
+    opt = SGD(ours, groups(ours, wd=0.0), lr=0.05, momentum=momentum, dampening=dampening, nesterov=nesterov)
+    torch_opt = torch.optim.SGD(groups(ref, wd=0.0), lr=0.05, momentum=momentum, dampening=dampening,
+                                nesterov=nesterov)
+    for step in range(5):
+        for (_, p), (_, q), g in zip(ours, ref, grads(ours, step)):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        torch_opt.step()
+    for (_, p), (_, q) in zip(ours, ref):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
 def test_dct_basis_is_exactly_orthogonal_and_picks_aligned_columns():
     for k in (8, 64, 96):
         d = dct_basis(k, torch.float64)
@@ -162,7 +179,8 @@ def test_owners_are_unique_and_balanced():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["tiny-cpu.yaml", "tiny-cpu-galore.yaml", "tiny-cpu-mlbfgs.yaml"])
+@pytest.mark.parametrize("recipe", ["tiny-cpu.yaml", "tiny-cpu-galore.yaml", "tiny-cpu-mlbfgs.yaml",
+                                    "tiny-cpu-sgd.yaml"])
 def test_tiny_gpt_trains_with_each_optimizer(recipe, tiny_store, tmp_path):
     over = tiny_overrides(tiny_store, tmp_path / "run", **{"train.steps": 100, "train.eval_interval": 100,
                                                           "model.structure": "{default: {kind: lowrank, rank: 16}}",
