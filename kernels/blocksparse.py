@@ -40,18 +40,16 @@ def _gathered(t: torch.Tensor, bs: int) -> torch.Tensor:
     return t.view(t.shape[0], -1, bs).transpose(0, 1)
 
 
-def _ref_forward(x2, w, mask, bs):
-    r_idx, c_idx = block_index(mask)
-    n_rows = mask.shape[0]
-    blocks = w.view(n_rows, bs, mask.shape[1], bs)[r_idx, :, c_idx, :]  # [K, bs(out), bs(in)]
+def _ref_forward(x2, w, grid, r_idx, c_idx, bs):
+    n_rows = grid[0]
+    blocks = w.view(n_rows, bs, grid[1], bs)[r_idx, :, c_idx, :]  # [K, bs(out), bs(in)]
     yk = torch.bmm(_gathered(x2, bs)[c_idx], blocks.transpose(1, 2))  # [K, T, bs]
     y = x2.new_zeros(n_rows, x2.shape[0], bs).index_add_(0, r_idx, yk)
     return y.transpose(0, 1).reshape(x2.shape[0], n_rows * bs)
 
 
-def _ref_backward(x2, w, mask, bs, dy, need_x, need_w):
-    r_idx, c_idx = block_index(mask)
-    n_rows, n_cols = mask.shape
+def _ref_backward(x2, w, grid, r_idx, c_idx, bs, dy, need_x, need_w):
+    n_rows, n_cols = grid
     wv = w.view(n_rows, bs, n_cols, bs)
     dyk = _gathered(dy, bs)[r_idx]  # [K, T, bs(out)]
     dx = dw = None
@@ -150,24 +148,22 @@ def _bsr_mm(x2, w, s_wo, s_wi, ptr, idx, n_out, bs):
     return y
 
 
-def _triton_forward(x2, w, mask, bs):
-    r_idx, c_idx = block_index(mask)
-    ptr, idx = _compressed(r_idx, c_idx, mask.shape[0])
-    return _bsr_mm(x2, w, w.stride(0), w.stride(1), ptr, idx, mask.shape[0], bs)
+def _triton_forward(x2, w, grid, r_idx, c_idx, bs):
+    ptr, idx = _compressed(r_idx, c_idx, grid[0])
+    return _bsr_mm(x2, w, w.stride(0), w.stride(1), ptr, idx, grid[0], bs)
 
 
-def _triton_backward(x2, w, mask, bs, dy, need_x, need_w):
-    r_idx, c_idx = block_index(mask)
+def _triton_backward(x2, w, grid, r_idx, c_idx, bs, dy, need_x, need_w):
     dx = dw = None
     if need_x:
-        ptr, idx = _compressed(c_idx, r_idx, mask.shape[1])
-        dx = _bsr_mm(dy, w, w.stride(1), w.stride(0), ptr, idx, mask.shape[1], bs)
+        ptr, idx = _compressed(c_idx, r_idx, grid[1])
+        dx = _bsr_mm(dy, w, w.stride(1), w.stride(0), ptr, idx, grid[1], bs)
     if need_w:
         dw = torch.zeros_like(w)
         if r_idx.numel():
             bt, bn = _tiles(bs)
-            grid = (r_idx.numel(), triton.cdiv(bs, bn), triton.cdiv(bs, bn))
-            _bsr_dw_kernel[grid](x2, dy, dw, r_idx.to(torch.int32).contiguous(), c_idx.to(torch.int32).contiguous(),
+            launch = (r_idx.numel(), triton.cdiv(bs, bn), triton.cdiv(bs, bn))
+            _bsr_dw_kernel[launch](x2, dy, dw, r_idx.to(torch.int32).contiguous(), c_idx.to(torch.int32).contiguous(),
                                  x2.shape[0], x2.stride(0), dy.stride(0), dw.stride(0), BS=bs, BLOCK_M=bn,
                                  BLOCK_N=bn, BLOCK_T=bt, UPCAST=_interpret())  # bf16 in tl.dot: see triton_bmm
     return dx, dw
@@ -176,15 +172,17 @@ def _triton_backward(x2, w, mask, bs, dy, need_x, need_w):
 class _BlockSparse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, w, mask, bs, triton_path):
-        ctx.save_for_backward(x2, w, mask)
-        ctx.bs, ctx.triton_path = bs, triton_path
-        return (_triton_forward if triton_path else _ref_forward)(x2, w, mask, bs)
+        r_idx, c_idx = block_index(mask)  # once: the backward reuses it
+        ctx.save_for_backward(x2, w, r_idx, c_idx)
+        ctx.grid, ctx.bs, ctx.triton_path = tuple(mask.shape), bs, triton_path
+        return (_triton_forward if triton_path else _ref_forward)(x2, w, ctx.grid, r_idx, c_idx, bs)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, w, mask = ctx.saved_tensors
+        x2, w, r_idx, c_idx = ctx.saved_tensors
         backward = _triton_backward if ctx.triton_path else _ref_backward
-        dx, dw = backward(x2, w, mask, ctx.bs, dy.contiguous(), ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        dx, dw = backward(x2, w, ctx.grid, r_idx, c_idx, ctx.bs, dy.contiguous(), ctx.needs_input_grad[0],
+                          ctx.needs_input_grad[1])
         return dx, dw, None, None, None
 
 

@@ -30,9 +30,12 @@ ceil(log2(m/n))`` equal frames and ``m/2^i:m`` in frame ``i``; from ``t1`` (when
 the weights at ``t1`` is frozen and only the kept weights train. Every quantity is a pure function of the step
 except the frozen mask, a layer buffer.
 
-The masks and the N:M phase are persistent layer buffers (model state: they reshard like their weights); the
-accumulators are this object's ``state_dict``. Not built yet (issue 10): self-guided training,
-dense-to-structured conversion and block-size search.
+``self_guided``, ``dense_to_structured`` and ``block_size_search``: see ``SparsityRule`` (pretrain/config.py)
+and the README's table of methods.
+
+Masks, N:M phases, guides and the chosen block size are layer buffers and parameters (model state: they
+reshard like their weights); the accumulators and the block-size search's scores are this object's
+``state_dict``.
 """
 
 import dataclasses
@@ -401,11 +404,8 @@ class SparsitySchedule:
         names = sorted(mine)
         stacked = torch.stack([mine[n] for n in names]) if names else torch.zeros(0, 2, dtype=torch.float64)
         _all_reduce(stacked, self.tp_group)
-        local = {f"sparsity/density/{n}": float(c[0] / c[1]) for n, c in zip(names, stacked)}
-        merged = {}
-        for part in gather_pp(local, self.pp_group):
-            merged.update(part)
-        return merged
+        return merge_pp({f"sparsity/density/{n}": float(c[0] / c[1]) for n, c in zip(names, stacked)},
+                        self.pp_group)
 
     def rebase(self, layers: dict[str, StructuredLinear], params: float, forward_flops: float) -> None:
         """Take the layers anew after ``dense_to_structured`` replaced some, whose parameters and forward FLOPs per
@@ -454,6 +454,14 @@ class SparsitySchedule:
         self._read_phases()
 
 
+def merge_pp(local: dict, pp_group: ProcessGroup | None) -> dict:
+    """The union of every pipeline stage's ``local`` dict (each stage reports its own layers)."""
+    merged = {}
+    for part in gather_pp(local, pp_group):
+        merged.update(part)
+    return merged
+
+
 def gather_pp(obj, pp_group: ProcessGroup | None) -> list:
     if pp_group is None:
         return [obj]
@@ -490,4 +498,4 @@ def describe(rules: list[SparsityRule], steps: int) -> str:
 
 __all__ = ["SparsitySchedule", "boundaries", "conversion_steps", "conversions_due", "dense_first", "describe",
            "enable_pruning", "gather_pp", "gmp_density", "guide_draw", "guide_scale", "guides_done", "is_update_step",
-           "kth_largest_bits", "nm_phase"]
+           "kth_largest_bits", "merge_pp", "nm_phase"]

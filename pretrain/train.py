@@ -51,7 +51,7 @@ from pretrain.sparsity import (
     dense_first,
     describe,
     enable_pruning,
-    gather_pp,
+    merge_pp,
 )
 
 
@@ -223,13 +223,12 @@ class Trainer:
                 dist.all_reduce(delta, group=g)
         params, flops = delta.tolist()
         self.full_params += int(params)
-        self.flops = {**self.flops, "projections": self.flops["projections"] + int(flops),
-                      "forward": self.flops["forward"] + int(flops), "train": 3 * (self.flops["forward"] + int(flops))}
+        forward = self.flops["forward"] + int(flops)
+        self.flops = {**self.flops, "projections": self.flops["projections"] + int(flops), "forward": forward,
+                      "train": 3 * forward}
         self.sparsity.rebase(self.model.structured_layers(), params, flops)
         self._rebuild_state()
-        merged = {}
-        for part in gather_pp(errors, self.model.pp_group):
-            merged.update(part)
+        merged = merge_pp(errors, self.model.pp_group)
         if self.rank == 0 and merged:
             worst = max(merged.values())
             print(f"step {last}: dense_to_structured converted {len(merged)} projections (projection error "

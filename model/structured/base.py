@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.blocksparse import blocksparse_linear, use_kept_blocks
+from kernels.nm import nm_mask
 from model.config import divisors
 
 
@@ -345,8 +346,6 @@ class BlockMasked:
     def set_group_mask(self, n: int, m: int) -> None:
         """Keep the ``n`` largest magnitudes of the masked weight in every group of ``m`` consecutive inputs (pruned
         weights score 0, so they stay pruned while ``n`` decreases)."""
-        from kernels.nm import nm_mask
-
         self.set_prune_mask(nm_mask(self.masked_weight().detach(), n, m))
 
     def set_prune_mask(self, keep: torch.Tensor) -> None:
@@ -386,10 +385,16 @@ def signed_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     of every left singular vector is positive. The factors are then a continuous function of ``w`` (away from
     repeated singular values), so weights that differ by rounding give factors that differ by rounding."""
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    pick = u.abs().argmax(dim=-2, keepdim=True)  # [..., 1, k]
-    sign = torch.sign(u.gather(-2, pick)).squeeze(-2)  # [..., k]
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    sign = largest_entry_sign(u, dim=-2)  # [..., k]
     return u * sign[..., None, :], s, vh * sign[..., :, None]
+
+
+def largest_entry_sign(f: torch.Tensor, dim: int) -> torch.Tensor:
+    """The sign (+1 for zero) of the largest-magnitude entry of every vector of ``f`` along ``dim`` (that dim
+    removed): a sign convention for factors defined up to sign."""
+    pick = f.abs().argmax(dim=dim, keepdim=True)
+    sign = torch.sign(f.gather(dim, pick)).squeeze(dim)
+    return torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
 def block_energy(w: torch.Tensor, bs: int) -> torch.Tensor:

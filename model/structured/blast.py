@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from kernels.blast import blast_couple, blast_expand, blast_project
-from model.structured.base import LayerShard, StructuredLinear, normal_, signed_svd, split
+from model.structured.base import LayerShard, StructuredLinear, largest_entry_sign, normal_, signed_svd, split
 
 
 class BlastLinear(StructuredLinear):
@@ -87,9 +87,7 @@ class BlastLinear(StructuredLinear):
         ``from_dense`` does not depend on micro-batching or topology)."""
         def normalise(f):  # f[block, rows, r] -> unit signed columns, and the factor moved out
             norm = f.norm(dim=1).clamp_min(1e-30)  # [block, r]
-            pick = f.abs().argmax(dim=1, keepdim=True)
-            sign = torch.sign(f.gather(1, pick)).squeeze(1)
-            sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+            sign = largest_entry_sign(f, dim=1)
             return f / (norm * sign)[:, None, :], norm * sign
 
         u, cu = normalise(u)

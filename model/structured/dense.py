@@ -22,6 +22,10 @@ class DenseLinear(BlockMasked, StructuredLinear):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.register_buffer("mask", None)
         self.mask_block = 1
+        self.nm_group = 1
+        """Group of inputs a ``granularity: nm`` schedule selects within (kept whole by a row split)."""
+        self.search_max = 1
+        """Largest block a block-size search may choose (kept whole by either split)."""
 
     def enable_pruning(self, granularity, block_size):
         if granularity == "nm":  # an element mask whose updates keep the top weights of every group of m inputs
@@ -53,9 +57,9 @@ class DenseLinear(BlockMasked, StructuredLinear):
         dim = 0 if style == "column" else 1
         units = {"out_features": self.out_features} if dim == 0 else {"in_features": self.in_features}
         if self.mask is not None:  # whole units on every rank: mask blocks, the largest block a search may choose,
-            largest = getattr(self, "search_max", self.mask_block)  # and under a row split whole N:M groups
+            largest = max(self.search_max, self.mask_block)  # and under a row split whole N:M groups
             if dim == 1:
-                largest = max(largest, getattr(self, "nm_group", 1))
+                largest = max(largest, self.nm_group)
             units = {("mask_block_rows" if dim == 0 else "mask_block_columns"):
                      self.mask.shape[dim] * self.mask_block // largest}
         self.check_tp(tp_size, **units)

@@ -86,9 +86,10 @@ class NMSparseLinear(StructuredLinear):
         return (units if dense or a > 0 else units * n // self.m), units, 1
 
     # -- the product -------------------------------------------------------------------------------------
-    def effective_weight(self) -> torch.Tensor:
-        """The ``[out, in]`` matrix applied (straight-through gradient while the mask follows the weights)."""
-        dense, n, a, frozen = self.phase()
+    def effective_weight(self, phase: tuple[bool, int, float, bool] | None = None) -> torch.Tensor:
+        """The ``[out, in]`` matrix applied in ``phase`` (default: the current one; straight-through gradient
+        while the mask follows the weights)."""
+        dense, n, a, frozen = phase or self.phase()
         if dense:
             return self.weight
         if frozen:
@@ -97,11 +98,11 @@ class NMSparseLinear(StructuredLinear):
 
     def forward(self, x):
         x = self._at("in", x)
-        dense, n, a, frozen = self.phase()
+        phase = dense, n, a, frozen = self.phase()  # read once per call (a host read of the buffer)
         if not (dense or frozen) and a == 0.0:
             y = nm_linear(x, self.weight, n, self.m)
         else:
-            y = F.linear(x, self.effective_weight())
+            y = F.linear(x, self.effective_weight(phase))
         return self._at("out", y)
 
     def regularize_grad(self):
