@@ -68,6 +68,21 @@ def reduce_to_owners(grads: dict[str, torch.Tensor], owners: dict[str, int], gro
     return sent
 
 
+def mesh_sum(sharded: torch.Tensor, replicated: torch.Tensor, tp_group: ProcessGroup | None,
+             pp_group: ProcessGroup | None = None, dp_group: ProcessGroup | None = None) -> torch.Tensor:
+    """The sum over the mesh of per-rank partial sums (scalars or vectors, e.g. squared norms or dot products):
+    the part from tensor-parallel shards is summed over tp, the part from replicated tensors counts once, and
+    the total is summed over ``pp_group`` (stages hold disjoint tensors) and ``dp_group`` (when each dp rank
+    holds the part it owns) where given. Collective over the groups given; in place on ``sharded``."""
+    if tp_group is not None:
+        dist.all_reduce(sharded, group=tp_group)
+    total = sharded.add_(replicated)
+    for group in (pp_group, dp_group):
+        if group is not None:
+            dist.all_reduce(total, group=group)
+    return total
+
+
 def clip_global_norm(named_grads: dict[str, torch.Tensor], sharded: set[str], max_norm: float,
                      tp_group: ProcessGroup | None, pp_group: ProcessGroup | None,
                      dp_group: ProcessGroup | None = None) -> float:
@@ -86,14 +101,7 @@ def clip_global_norm(named_grads: dict[str, torch.Tensor], sharded: set[str], ma
             shard_sq += sq
         else:
             repl_sq += sq
-    if tp_group is not None:
-        dist.all_reduce(shard_sq, group=tp_group)
-    total = shard_sq + repl_sq
-    if pp_group is not None:
-        dist.all_reduce(total, group=pp_group)
-    if dp_group is not None:
-        dist.all_reduce(total, group=dp_group)
-    norm = math.sqrt(float(total))
+    norm = math.sqrt(float(mesh_sum(shard_sq, repl_sq, tp_group, pp_group, dp_group)))
     if max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
         for g in named_grads.values():

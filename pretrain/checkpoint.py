@@ -137,9 +137,11 @@ class ModelState:
 class OptimizerState:
     """A block-wise optimizer's owned blocks as global views.
 
-    Elementwise state (``optimizer.elementwise`` keys) takes its parameter's placement, so it reshards over
-    any (dp, tp, pp). Block state of a replicated parameter is replicated; that of a tensor-parallel shard is
-    stacked over tp (global shape ``[tp, ...]``), so it reshards over dp and pp and loads at the same tp.
+    Elementwise state (``optimizer.elementwise`` keys) takes its parameter's placement and stacked state
+    (``optimizer.stacked``: a leading dimension, then the parameter's shape) the same placement one dimension
+    further, so both reshard over any (dp, tp, pp). Block state of a replicated parameter is replicated; that of
+    a tensor-parallel shard is stacked over tp (global shape ``[tp, ...]``), so it reshards over dp and pp and
+    loads at the same tp.
     """
 
     def __init__(self, optimizer, placements: dict[str, int | None], view: GlobalView):
@@ -149,6 +151,8 @@ class OptimizerState:
         dim = self.placements.get(name)
         if key in self.optimizer.elementwise or dim is None:
             return self.view.of(t, dim)
+        if key in self.optimizer.stacked:
+            return self.view.of(t, dim + 1)
         return self.view.of(t.unsqueeze(0), 0)
 
     def state_dict(self) -> dict:

@@ -71,20 +71,32 @@ class SGDConfig:
 
 @dataclass
 class MLBFGSConfig:
-    """Momentum L-BFGS with a block-wise Hessian (``optim.name: mlbfgs``)."""
+    """Momentum L-BFGS (``optim.name: mlbfgs``; Niu et al., TMLR 2023). Defaults: the reference's published run
+    (yuehniu/mL-BFGS run-SLIM.sh), with a transformer layer as the block."""
 
     history: int = 10
     """Curvature pairs (s, y) kept per block."""
+    update_period: int = 50
+    """T: a pair is formed every T steps from the momentum averages (the first at step 2T; momentum SGD before)."""
+    beta: float = 0.999
+    """Momentum of the parameter and gradient averages the pairs are differences of."""
+    pair_momentum: float = 0.9
+    """Each new pair is mixed with the previous one: s <- (1 - m) s + m s_prev (likewise y)."""
+    damping: float = 0.01
+    """Least share of the identity blended into y (tau0 = 1 - damping)."""
+    min_curvature: float = 0.01
+    """Damping's lower bound on s.y / s.s (below 1)."""
+    max_curvature: float = 1.5
+    """Damping's upper bound on s.y / s.s (above 1)."""
     momentum: float = 0.9
-    """EMA factor of the parameter and gradient buffers the curvature pairs are built from."""
-    update_period: int = 1
-    """Form a curvature pair every this many steps."""
-    min_curvature: float = 1e-6
-    """Damping: a pair's curvature s.y/s.s is raised to at least this."""
-    max_curvature: float = 1e6
-    """Damping: and lowered to at most this."""
-    trust: float = 3e-3
-    """Cap on each block's RMS direction: no step moves a block by more than lr * trust RMS."""
+    """SGD momentum applied to the normalised quasi-Newton direction (and to the gradient during warm-up)."""
+    granularity: Literal["tensor", "layer", "stage"] = "layer"
+    """Hessian block: one tensor, one transformer layer (embedding, final norm and head alone), or a pipeline
+    stage (what one pp rank holds: changes with parallel.pp)."""
+    normalize: bool = True
+    """Divide the quasi-Newton direction by its global norm (the reference does; false keeps H g's length, lr ~1)."""
+    history_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Storage of the (s, y) history; bfloat16 halves its bytes (the recursion computes in float32)."""
 
 
 @dataclass
@@ -176,7 +188,7 @@ class CheckpointConfig:
     step directory path."""
     load_optimizer: bool = True
     """Restore the optimizer state on resume; false starts a fresh optimizer (e.g. to switch optim.name,
-    or to change parallel.tp under galore/mlbfgs, whose per-shard state does not reshard over tp)."""
+    or to change parallel.tp under galore, whose per-shard projections do not reshard over tp)."""
 
 
 @dataclass
@@ -322,11 +334,12 @@ class Config:
                 raise ConfigError(f"{name}={value} must be a positive integer")
         if ga.scale <= 0:
             raise ConfigError(f"optim.galore.scale={ga.scale} must be > 0")
-        if not 0.0 <= mb.momentum < 1.0:
-            raise ConfigError(f"optim.mlbfgs.momentum={mb.momentum} must lie in [0, 1)")
-        if not 0.0 < mb.min_curvature < mb.max_curvature or mb.trust <= 0:
-            raise ConfigError(f"optim.mlbfgs needs 0 < min_curvature < max_curvature and trust > 0; got "
-                              f"{mb.min_curvature}, {mb.max_curvature}, {mb.trust}")
+        for name in ("momentum", "beta", "pair_momentum", "damping"):
+            if not 0.0 <= getattr(mb, name) < 1.0:
+                raise ConfigError(f"optim.mlbfgs.{name}={getattr(mb, name)} must lie in [0, 1)")
+        if not 0.0 < mb.min_curvature < 1.0 < mb.max_curvature:
+            raise ConfigError(f"optim.mlbfgs.min_curvature={mb.min_curvature} and max_curvature={mb.max_curvature}: "
+                              "need 0 < min_curvature < 1 < max_curvature (damping blends towards curvature 1)")
         sg = o.sgd
         if not 0.0 <= sg.momentum < 1.0 or not 0.0 <= sg.dampening <= 1.0:
             raise ConfigError(f"optim.sgd needs 0 <= momentum < 1 and 0 <= dampening <= 1; got {sg.momentum}, "

@@ -124,7 +124,8 @@ class Trainer:
         except StructureError as e:
             raise ConfigError(f"model.structure does not fit parallel.tp={par.tp}: {e}") from None
         self.optimizer = build_optimizer(cfg.optim, self.model.named_parameters(),
-                                         self.model.param_groups(cfg.optim.weight_decay), self.model.dp_group)
+                                         self.model.param_groups(cfg.optim.weight_decay), self.model.dp_group,
+                                         self.model.tp_group, self.model.pp_group, self.model.placements)
         self.sparsity = None
         if cfg.sparsity.rules:
             self.sparsity = SparsitySchedule(cfg.sparsity.rules, t.steps, self.model.structured_layers(),

@@ -1,5 +1,7 @@
 """Block-wise distributed optimizers. ``build_optimizer`` is the single entry point the trainer uses."""
 
+import torch
+
 from pretrain.config import OptimConfig
 from pretrain.optim.adamw import AdamW
 from pretrain.optim.base import BlockOptimizer, assign_owners, ownership_report
@@ -13,9 +15,12 @@ __all__ = ["SGD", "AdamW", "BlockOptimizer", "GaLore", "MomentumLBFGS", "OPTIMIZ
            "build_optimizer", "dct_basis", "ownership_report"]
 
 
-def build_optimizer(cfg: OptimConfig, named_params, groups: list[dict], dp_group=None) -> BlockOptimizer:
+def build_optimizer(cfg: OptimConfig, named_params, groups: list[dict], dp_group=None, tp_group=None, pp_group=None,
+                    placements=None) -> BlockOptimizer:
     """The optimizer named by ``cfg.name`` over ``groups`` (dicts with ``params``, ``weight_decay`` and
-    ``role``: matrix, embedding or norm), its blocks owned across ``dp_group``.
+    ``role``: matrix, embedding or norm), its blocks owned across ``dp_group``. mL-BFGS also reduces its block
+    dot products over ``tp_group`` and its global norm over ``pp_group``; ``placements`` (name -> tensor-parallel
+    split dim, None: replicated) says which tensors are shards.
 
     The learning rate is set by the trainer every step from ``pretrain.schedules.lr_at``.
     """
@@ -29,8 +34,9 @@ def build_optimizer(cfg: OptimConfig, named_params, groups: list[dict], dp_group
                       dp_group)
     if cfg.name == "mlbfgs":
         m = cfg.mlbfgs
-        return MomentumLBFGS(named_params, groups, cfg.lr, m.history, m.momentum, m.update_period, m.min_curvature,
-                             m.max_curvature, m.trust, dp_group)
+        return MomentumLBFGS(named_params, groups, cfg.lr, m.history, m.update_period, m.beta, m.pair_momentum,
+                             m.damping, m.min_curvature, m.max_curvature, m.momentum, m.granularity,
+                             getattr(torch, m.history_dtype), m.normalize, dp_group, tp_group, pp_group, placements)
     if cfg.name == "sgd":
         return SGD(named_params, groups, cfg.lr, cfg.sgd.momentum, cfg.sgd.dampening, cfg.sgd.nesterov, dp_group)
     raise ValueError(f"optim.name={cfg.name!r}; allowed: {', '.join(OPTIMIZERS)}")

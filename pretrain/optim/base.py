@@ -1,25 +1,28 @@
 """Block-wise distributed optimizers: ZeRO-1 at the granularity of blocks.
 
-A *block* is one parameter tensor as this rank holds it: a whole tensor, or its tensor-parallel shard. Each
-block has exactly one owner in the data-parallel group, chosen by a greedy size balance that every rank
-computes identically. The owner alone receives the block's averaged gradient (a bucketed ``reduce``, see
+A *block* is one parameter tensor as this rank holds it (a whole tensor, or its tensor-parallel shard), or a
+group of them when the optimizer's ``block_key`` maps several names to one key (mL-BFGS's layer and stage
+blocks). Each block has exactly one owner in the data-parallel group, chosen by a greedy size balance that
+every rank computes identically. The owner alone receives the block's averaged gradient (a bucketed ``reduce``, see
 ``parallel.data.reduce_to_owners``), keeps its optimizer state and computes its update; the updated blocks
 then reach every dp rank by bucketed broadcasts. With dp = 1 every block is local and this is an ordinary
 optimizer.
 
 Subclasses implement ``init_state`` (allocated eagerly, so checkpoints can be loaded into it before the first
-step) and ``direction`` (the step ``d`` in ``p <- p (1 - lr wd) - lr d``); decoupled weight decay, the LR set
-by the trainer's schedule, parameter groups and the owner bookkeeping are shared. Clipping happens before
+step) and ``direction`` (the step ``d`` in ``p <- p (1 - lr wd) - lr d``), or ``directions`` and ``apply`` when
+the blocks' directions depend on each other (a global normalisation); decoupled weight decay, the LR set by
+the trainer's schedule, parameter groups and the owner bookkeeping are shared. Clipping happens before
 ``step`` on the global gradient norm (``ParallelModel.reduce_and_clip``).
 
 State tensors are of two kinds for checkpoints: ``elementwise`` keys have the block's shape and reshard
-with the parameter across any (dp, tp, pp); every other key is *block state* (projections, curvature
-histories), tied to the block itself, so it reshards across dp and pp but a tensor-parallel shard's block
-state only loads at the same tp degree.
+with the parameter across any (dp, tp, pp); ``stacked`` keys are a stack of such tensors (leading dimension
+first, e.g. a curvature history) and reshard the same way; every other key is *block state* (projections),
+tied to the block itself, so it reshards across dp and pp but a tensor-parallel shard's block state only
+loads at the same tp degree.
 """
 
 import abc
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import ClassVar
 
 import torch
@@ -56,11 +59,12 @@ class BlockOptimizer(torch.optim.Optimizer, abc.ABC):
 
     name: ClassVar[str]
     elementwise: ClassVar[tuple[str, ...]] = ()
+    stacked: ClassVar[tuple[str, ...]] = ()
     tp_reshardable: ClassVar[bool] = False
-    """True when every state key is elementwise, so checkpoints load at any tensor-parallel degree."""
+    """True when every state key is elementwise or stacked, so checkpoints load at any tensor-parallel degree."""
 
     def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], groups: list[dict], defaults: dict,
-                 dp_group: ProcessGroup | None = None):
+                 dp_group: ProcessGroup | None = None, block_key: Callable[[str], str] | None = None):
         super().__init__(groups, defaults)
         self.names = {id(p): n for n, p in named_params}
         missing = [p.shape for g in self.param_groups for p in g["params"] if id(p) not in self.names]
@@ -70,8 +74,14 @@ class BlockOptimizer(torch.optim.Optimizer, abc.ABC):
         self.dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
         self.dp_rank = dist.get_rank(dp_group) if dp_group is not None else 0
         self.sizes = {self.names[id(p)]: p.numel() for g in self.param_groups for p in g["params"]}
-        self.owners = assign_owners(self.sizes, self.dp_size)
-        """Owner dp rank of every block, by parameter name (the same on every rank)."""
+        self.block_key = block_key or (lambda name: name)
+        """The block a parameter belongs to: all parameters of a block have one owner."""
+        block_sizes: dict[str, int] = {}
+        for name, size in self.sizes.items():
+            block_sizes[self.block_key(name)] = block_sizes.get(self.block_key(name), 0) + size
+        block_owner = assign_owners(block_sizes, self.dp_size)
+        self.owners = {name: block_owner[self.block_key(name)] for name in self.sizes}
+        """Owner dp rank of every parameter (its block's), by parameter name (the same on every rank)."""
         self.step_count = 0
         self.comm_stats: CommStats | None = None
         """Counts the bytes this rank sends broadcasting updated blocks (``dp``, as an all-gather) when a
@@ -86,9 +96,20 @@ class BlockOptimizer(torch.optim.Optimizer, abc.ABC):
     def init_state(self, p: torch.Tensor, group: dict) -> dict[str, torch.Tensor]:
         """The zero state of one owned block (allocated at construction)."""
 
-    @abc.abstractmethod
     def direction(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
-        """The update direction ``d`` of one owned block (``p`` moves by ``-lr d``)."""
+        """The update direction ``d`` of one owned tensor (``p`` moves by ``-lr d``)."""
+        raise NotImplementedError(f"{self.name}: implement direction, or directions and apply")
+
+    def directions(self, owned: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
+        """The directions of all owned tensors with a gradient (``owned``: ``(p, group)`` in group order);
+        by default each from its own ``direction``."""
+        return [self.direction(p, p.grad, self.state[p], group) for p, group in owned]
+
+    def apply(self, p: torch.Tensor, d: torch.Tensor, group: dict) -> None:
+        """Move ``p`` along ``d``: decoupled weight decay, then ``p <- p - lr d``."""
+        if group["weight_decay"]:
+            p.mul_(1.0 - group["lr"] * group["weight_decay"])
+        p.add_(d.to(p.dtype), alpha=-group["lr"])
 
     # -- ownership --------------------------------------------------------------------------------------
     def owns(self, p: torch.Tensor) -> bool:
@@ -119,17 +140,21 @@ class BlockOptimizer(torch.optim.Optimizer, abc.ABC):
             self.owners.pop(name, None)
 
     def adopt(self, named_params: list[tuple[str, nn.Parameter]], role: str) -> None:
-        """Take new parameters into the group of ``role`` with zero state; each goes to the least-loaded dp rank
-        (largest first, name breaking ties: the same on every rank)."""
+        """Take new parameters into the group of ``role`` with zero state; each goes to its block's owner, or for a
+        new block to the least-loaded dp rank (largest first, name breaking ties: the same on every rank)."""
         group = next(g for g in self.param_groups if g.get("role") == role)
         load = [0] * self.dp_size
         for name, owner in self.owners.items():
             load[owner] += self.sizes[name]
+        block_owner = {self.block_key(n): r for n, r in self.owners.items()}
         for name, p in sorted(named_params, key=lambda np: (-np[1].numel(), np[0])):
             group["params"].append(p)
             self.names[id(p)] = name
             self.sizes[name] = p.numel()
-            self.owners[name] = min(range(self.dp_size), key=lambda i: (load[i], i))
+            key = self.block_key(name)  # a block that still has tensors keeps its owner
+            if key not in block_owner:
+                block_owner[key] = min(range(self.dp_size), key=lambda i: (load[i], i))
+            self.owners[name] = block_owner[key]
             load[self.owners[name]] += p.numel()
             if self.owns(p):
                 self.state[p] = self.init_state(p, group)
@@ -140,14 +165,10 @@ class BlockOptimizer(torch.optim.Optimizer, abc.ABC):
         if closure is not None:
             raise ValueError(f"{self.name}: closures are not supported")
         self.step_count += 1
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None or not self.owns(p):
-                    continue
-                d = self.direction(p, p.grad, self.state[p], group)
-                if group["weight_decay"]:
-                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
-                p.add_(d.to(p.dtype), alpha=-group["lr"])
+        owned = [(p, group) for group in self.param_groups for p in group["params"]
+                 if p.grad is not None and self.owns(p)]
+        for (p, group), d in zip(owned, self.directions(owned), strict=True):
+            self.apply(p, d, group)
         self._broadcast_updates()
 
     def _broadcast_updates(self) -> None:
