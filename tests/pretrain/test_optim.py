@@ -1,7 +1,6 @@
 """The block-wise optimizers on one process: AdamW is torch's AdamW, GaLore's projections, mL-BFGS on a
 convex problem, ownership balance, and a tiny GPT trained with each recipe."""
 
-import math
 from pathlib import Path
 
 import pytest
