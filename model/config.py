@@ -66,6 +66,11 @@ class StructureSpec:
     """blockdiag: interleave output channels across blocks (channel shuffle), so stacked layers mix blocks."""
     decay: float | None = None
     """nm: SR-STE decay applied to pruned weights in the backward pass."""
+    init: str | None = None
+    """sparse_lowrank: ``variance`` (default: matches a dense layer's output variance) or ``sltrain`` (SLTrain's
+    init: U = 0, V and the sparse values uniform in +-1/sqrt(in), the low-rank product scaled by alpha / r)."""
+    alpha: float | None = None
+    """sparse_lowrank with init sltrain: the alpha of the alpha / r scale (default 32, SLTrain's)."""
 
     def flow(self) -> str:
         """The spec as a one-line YAML mapping, e.g. ``{kind: lowrank, rank: 8}`` (for ``--set`` overrides)."""

@@ -7,30 +7,49 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.lowrank import lowrank_expand, lowrank_project
-from model.structured.base import LayerShard, StructuredLinear, normal_, signed_svd, split
+from model.structured.base import LayerShard, StructuredLinear, StructureError, normal_, signed_svd, split
 
 
 class SparseLowRankLinear(StructuredLinear):
-    """Low-rank ``U[out, r] V[r, in]`` plus ``nnz = round(density * out * in)`` trainable values.
+    """Low-rank ``scale * U[out, r] V[r, in]`` plus ``nnz = round(density * out * in)`` trainable values.
 
     The sparse support is drawn once at random from the init generator and kept fixed (a persistent
     buffer of flat indices). ``from_dense`` alternates a rank-r SVD of the residual with a hard
     threshold of the ``nnz`` largest residual entries (GoDec), exact for a sparse-plus-low-rank input.
-    Init splits the dense output variance evenly between the two parts.
+
+    Two initialisations (spec field ``init``):
+
+    - ``variance`` (default): ``scale = 1``; the dense output variance (``init_std``) is split evenly
+      between the two parts.
+    - ``sltrain``: SLTrain's own (reference andyjm3/SLTrain): ``U = 0``, ``V`` and the sparse values uniform
+      in ``+-1/sqrt(in)``, and the low-rank product scaled by ``scale = alpha / r`` in the forward pass (the
+      parameters stay unscaled), so SLTrain's published learning rates transfer. ``alpha`` defaults to its
+      reference's 32.
     """
 
     name = "sparse_lowrank"
     required = ("rank",)
-    optional = {"density": 0.03}
+    optional = {"density": 0.03, "init": "variance", "alpha": None}
     example = {"rank": 8, "density": 0.05}
+    inits = ("variance", "sltrain")
+    sltrain_alpha = 32.0
 
     fit_iters = 300
 
-    def __init__(self, in_features: int, out_features: int, rank: int, density: float = 0.03):
+    def __init__(self, in_features: int, out_features: int, rank: int, density: float = 0.03,
+                 init: str = "variance", alpha: float | None = None):
         super().__init__(in_features, out_features)
         self.check_range("rank", rank, 1, min(in_features, out_features))
         self.check_range("density", density, 0.0, 1.0, lo_open=True)
-        self.rank, self.density = rank, float(density)
+        if init not in self.inits:
+            raise StructureError(f"{self.name}.init={init!r}; allowed: {', '.join(self.inits)}")
+        if alpha is not None and init != "sltrain":
+            raise StructureError(f"{self.name}.alpha applies to init: sltrain only (init is {init!r})")
+        if alpha is not None and not alpha > 0:
+            raise StructureError(f"{self.name}.alpha={alpha} must be > 0")
+        self.rank, self.density, self.init = rank, float(density), init
+        self.scale = (self.sltrain_alpha if alpha is None else float(alpha)) / rank if init == "sltrain" else 1.0
+        """Factor of the low-rank product in the forward pass (SLTrain's alpha / r; 1 otherwise)."""
         nnz = max(1, round(density * in_features * out_features))
         self.u = nn.Parameter(torch.empty(out_features, rank))
         self.v = nn.Parameter(torch.empty(rank, in_features))
@@ -41,6 +60,13 @@ class SparseLowRankLinear(StructuredLinear):
         total = self.in_features * self.out_features
         perm = torch.randperm(total, generator=generator)[: self.values.numel()]
         self.indices.copy_(perm.sort().values)
+        if self.init == "sltrain":
+            bound = 1.0 / math.sqrt(self.in_features)
+            with torch.no_grad():
+                self.u.zero_()
+                self.v.uniform_(-bound, bound, generator=generator)
+                self.values.uniform_(-bound, bound, generator=generator)
+            return
         half = std / math.sqrt(2.0)
         normal_(self.v, 1.0 / math.sqrt(self.in_features), generator)
         normal_(self.u, half * math.sqrt(self.in_features / self.rank), generator)
@@ -61,7 +87,8 @@ class SparseLowRankLinear(StructuredLinear):
         return dense[r0:r0 + rows, c0:c0 + cols]
 
     def forward(self, x):
-        z = self._at("mid", lowrank_project(self._at("in", x), self.v))  # [..., r]
+        z = lowrank_project(self._at("in", x), self.v)
+        z = self._at("mid", z * self.scale if self.scale != 1.0 else z)  # [..., r]
         sparse = self._at("sparse_out", F.linear(self._at("sparse_in", x), self.sparse_dense()))
         return lowrank_expand(z, self.u) + sparse
 
@@ -85,7 +112,7 @@ class SparseLowRankLinear(StructuredLinear):
         return LayerShard(local, {**placements, "values": None, "indices": None}, partial_grads=("values",))
 
     def to_dense(self):
-        return self.u @ self.v + self.sparse_dense()
+        return self.scale * (self.u @ self.v) + self.sparse_dense()
 
     def _fit(self, w):
         nnz, r = self.values.numel(), self.rank
@@ -104,7 +131,7 @@ class SparseLowRankLinear(StructuredLinear):
         root = s[:r].sqrt()
         u, v = uu[:, :r] * root, root[:, None] * vh[:r]
         self._copy(self.u, u)
-        self._copy(self.v, v)
+        self._copy(self.v, v / self.scale)
         self.indices.copy_(idx)
         self._copy(self.values, (w - u @ v).flatten()[idx])
 

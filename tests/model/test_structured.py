@@ -23,6 +23,7 @@ CASES = [
     (S("nm", n=2, m=4), lambda i, o: i * o // 2),
     (S("nm", n=1, m=8), lambda i, o: i * o // 8),
     (S("sparse_lowrank", rank=4, density=0.05), lambda i, o: 4 * (i + o) + round(0.05 * i * o)),
+    (S("sparse_lowrank", rank=4, density=0.05, init="sltrain", alpha=8), lambda i, o: 4 * (i + o) + round(0.05 * i * o)),
 ]
 IDS = [f"{s.kind}-{'-'.join(f'{k}{v}' for k, v in s.params().items())}" for s, _ in CASES]
 
@@ -61,7 +62,10 @@ def test_forward_and_gradients_match_dense_reference(spec, count, shape):
 @pytest.mark.parametrize("spec,count", CASES, ids=IDS)
 def test_from_dense_round_trips_structured_matrices(spec, count, shape):
     i, o = shape
-    dense = make(spec, i, o, seed=1).to_dense().detach()
+    layer = make(spec, i, o, seed=1)
+    if spec.init == "sltrain":  # U starts at 0: give the matrix its low-rank part
+        layer.u.data.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(2))
+    dense = layer.to_dense().detach()
     fitted = structure_class(spec.kind).from_dense(dense, **spec.params())
     assert fitted.projection_error < 1e-6
     torch.testing.assert_close(fitted.to_dense(), dense, rtol=0, atol=1e-6 * dense.abs().max().item())
@@ -78,10 +82,30 @@ def test_param_and_flop_counts_match_formulas(spec, count, shape):
 
 @pytest.mark.parametrize("spec,count", CASES, ids=IDS)
 def test_init_output_variance_matches_dense(spec, count):
+    if spec.init == "sltrain":
+        pytest.skip("SLTrain's init is its reference's, not variance-matched (test_sltrain_init)")
     i, o, std = 256, 256, 0.02
     x = torch.randn(2048, i, dtype=torch.double, generator=torch.Generator().manual_seed(3))
     ratios = [make(spec, i, o, seed=s, std=std)(x).var().item() / (i * std**2) for s in range(3)]
     assert 0.8 < sum(ratios) / len(ratios) < 1.25, ratios
+
+
+def test_sltrain_init_follows_its_reference():
+    """andyjm3/SLTrain: B (our U) = 0, A (our V) and the sparse values uniform in +-1/sqrt(in), the product
+    scaled by alpha / r in the forward pass; the default alpha is the reference's 32."""
+    i, o, r = 256, 128, 16
+    layer = make(S("sparse_lowrank", rank=r, density=0.05, init="sltrain", alpha=8), i, o)
+    bound = 1 / math.sqrt(i)
+    assert (layer.u == 0).all() and layer.scale == 8 / r
+    for t in (layer.v, layer.values):
+        assert t.abs().max() <= bound and t.abs().max() > 0.99 * bound
+        assert t.var().item() == pytest.approx(bound**2 / 3, rel=0.1)  # uniform, not normal
+    with torch.no_grad():
+        layer.u.normal_()
+    sparse = layer.sparse_dense()
+    torch.testing.assert_close(layer.to_dense(), 8 / r * layer.u @ layer.v + sparse)
+    assert make(S("sparse_lowrank", rank=r, init="sltrain"), i, o).scale == 32 / r
+    assert make(S("sparse_lowrank", rank=r), i, o).scale == 1.0
 
 
 def test_from_dense_reports_error_of_a_general_matrix():
@@ -176,6 +200,8 @@ def test_nm_phases_change_what_the_layer_applies():
         (S("nm", n=3, m=5), (64, 64), r"nm.m=5 must divide"),
         (S("lowrank"), (64, 64), r"required field\(s\) \['rank'\]"),
         (S("dense", rank=4), (64, 64), r"\['rank'\] do not apply"),
+        (S("sparse_lowrank", rank=4, init="lora"), (64, 64), r"sparse_lowrank.init='lora'; allowed: variance, sltrain"),
+        (S("sparse_lowrank", rank=4, alpha=8), (64, 64), r"sparse_lowrank.alpha applies to init: sltrain only"),
         (S("butterfly"), (64, 64), r"'butterfly' is not a registered structure; allowed: \["),
     ],
 )
