@@ -23,7 +23,8 @@ CASES = [
     (S("nm", n=2, m=4), lambda i, o: i * o // 2),
     (S("nm", n=1, m=8), lambda i, o: i * o // 8),
     (S("sparse_lowrank", rank=4, density=0.05), lambda i, o: 4 * (i + o) + round(0.05 * i * o)),
-    (S("sparse_lowrank", rank=4, density=0.05, init="sltrain", alpha=8), lambda i, o: 4 * (i + o) + round(0.05 * i * o)),
+    (S("sparse_lowrank", rank=4, density=0.05, init="sltrain", alpha=8),
+     lambda i, o: 4 * (i + o) + round(0.05 * i * o)),
 ]
 IDS = [f"{s.kind}-{'-'.join(f'{k}{v}' for k, v in s.params().items())}" for s, _ in CASES]
 

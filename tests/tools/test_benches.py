@@ -24,13 +24,22 @@ def test_bench_structures_prints_ratios_to_dense(tiny_store, capsys):
     assert 0 < float(rows["lowrank"][1]) < 1  # fewer parameters than dense
 
 
-def test_bench_optim_prints_ratios_to_adamw(tiny_store, capsys, monkeypatch):
+def test_bench_optim_sweeps_learning_rates_and_judges_the_mlbfgs_claim(tiny_store, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    args = ["--steps", "4", "--optimizers", "adamw,galore", "--big-config", "none", "--set",
-            f"data.paths=[{tiny_store}]"]
+    plot = tmp_path / "optim.png"
+    args = ["--steps", "4", "--eval-interval", "2", "--optimizers", "adamw,mlbfgs,sgd", "--lrs", "adamw=3e-3",
+            "--lrs", "mlbfgs=0.1,0.3", "--lrs", "sgd=0.3", "--big-config", "none", "--plot", str(plot),
+            "--set", f"data.paths=[{tiny_store}]"]
     assert bench_optim.main(args) == 0
-    rows = _rows(capsys.readouterr().out)
-    assert set(rows) == {"adamw", "galore"} and rows["adamw"][1] == "1.00"
+    out = capsys.readouterr().out
+    sweep = [line for line in out.splitlines() if line.startswith("| mlbfgs | 0.1: ")]
+    assert len(sweep) == 1 and "0.3: " in sweep[0], out  # the sweep is printed
+    rows = _rows(out)  # the main table's rows (printed after the sweep's)
+    assert {"adamw", "mlbfgs", "sgd"} <= set(rows)
+    assert rows["adamw"][2] == "+0.000" and rows["adamw"][5] == "1.00" and rows["adamw"][3] == "4"
+    assert float(rows["mlbfgs"][0]) in (0.1, 0.3) and float(rows["mlbfgs"][7]) > 10  # history: > 10x AdamW's state
+    assert "- vs sgd: " in out and "- vs adamw: " in out and plot.exists()
+    assert bench_optim.main(["--lrs", "adamw=-1", "--big-config", "none"]) == 2
 
 
 def test_bench_checkpoint_prints_manifest_cost(tmp_path, capsys):
