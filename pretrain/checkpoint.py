@@ -509,11 +509,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """Our plain GPT (fp32, eval mode) from a verified checkpoint, with no training setup: returns
     ``(model, config, step_dir)``."""
     from model.gpt import GPT
-    from pretrain.config import Config, from_dict
+    from pretrain.config import checkpoint_config
     from pretrain.sparsity import dense_first, enable_pruning, guides_done
 
     step_dir, meta = load_verified(path)
-    cfg = from_dict(Config, meta["config"])
+    cfg = checkpoint_config(meta["config"])
     step = int(meta["step"])
     with torch.device("meta"):  # dense_to_structured projections are still dense before their conversion
         model = GPT(dense_first(cfg.model, cfg.sparsity.rules, cfg.train.steps, step))

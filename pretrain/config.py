@@ -4,6 +4,7 @@ Every section is a dataclass with a docstring per field. Unknown keys, wrong typ
 their allowed set stop the run before any work with a message that names the dotted field.
 """
 
+import copy
 import dataclasses
 import types
 import typing
@@ -598,6 +599,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = from_dict(Config, raw)
     cfg.validate()
     return cfg
+
+
+RETIRED = {("optim", "mlbfgs", "trust"): "the trust-region mL-BFGS variant, replaced by the paper's in issue 12"}
+"""Settings older checkpoints may record that no longer exist, and why (dropped when a checkpoint's config is read)."""
+
+
+def checkpoint_config(raw: dict) -> Config:
+    """The config a checkpoint recorded, without the ``RETIRED`` settings an older version wrote."""
+    raw = copy.deepcopy(raw)
+    for path in RETIRED:
+        node = raw
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(path[-1], None)
+    return from_dict(Config, raw)
 
 
 def dump_config(cfg: Config) -> str:

@@ -1,14 +1,25 @@
-"""Export a checkpoint to a standard Hugging Face ``LlamaForCausalLM`` (safetensors) with densified weights.
+"""Export a checkpoint to Hugging Face: a standard ``LlamaForCausalLM`` with densified weights, or the structured
+model with its own remote code.
 
 Usage:
     python tools/convert_to_hf.py --checkpoint runs/tiny-cpu/checkpoints --out runs/tiny-cpu/hf
+    python tools/convert_to_hf.py --checkpoint runs/tiny-cpu/checkpoints --out runs/tiny-cpu/hf-structured \
+        --format structured
     python tools/convert_to_hf.py --checkpoint runs/tiny-cpu/checkpoints/step_000300 --out hf/ --overwrite
 
-Every structured projection is written as its exact dense matrix (``applied_dense``: ``to_dense``, mixed with
-a self-guided dense path while one is live), so the result loads in
-vanilla ``transformers`` with no remote code. The sentencepiece tokenizer the model was trained with is
-exported beside it. Before anything is moved into ``--out``, the exported model is reloaded with
-``AutoModelForCausalLM`` and its logits are compared with ours on a sample batch; a mismatch aborts.
+``--format dense`` (default): every structured projection is written as its exact dense matrix
+(``applied_dense``: ``to_dense``, mixed with a self-guided dense path while one is live), so the result loads in
+vanilla ``transformers`` with no remote code.
+
+``--format structured``: the safetensors keep every structured factor and the kept values of sparse projections
+(with their positions), beside a self-contained ``configuration_structorch.py`` and ``modeling_structorch.py``
+(torch and transformers only) and an ``auto_map``, so ``AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True)`` loads it with our parameter count; ``generate`` and its KV cache are Llama's. A live
+self-guided dense path is refused (export after it ends, or use the dense format).
+
+Either way the sentencepiece tokenizer the model was trained with is exported beside it, and before anything is
+moved into ``--out`` the exported model is reloaded with ``AutoModelForCausalLM`` and its logits are compared
+with ours on a sample batch; a mismatch aborts.
 """
 
 import argparse
@@ -29,13 +40,15 @@ HF_GROUPS = {"attn": "self_attn", "mlp": "mlp"}
 """Hugging Face Llama's module of each slot group (``model.layers.N.self_attn.q_proj``, ``...mlp.up_proj``)."""
 
 
-def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Our parameters under Hugging Face Llama names, structured projections densified."""
+def llama_state_dict(model: GPT, projections: bool = True) -> dict[str, torch.Tensor]:
+    """Our parameters under Hugging Face Llama names, structured projections densified (left out when not
+    ``projections``)."""
     sd = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight}
     for i, block in model.layers.items():
         pre = f"model.layers.{i}"
         for name, _, layer in block.projections():
-            sd[f"{pre}.{HF_GROUPS[SLOTS[name].group]}.{name}_proj.weight"] = layer.applied_dense()
+            if projections:
+                sd[f"{pre}.{HF_GROUPS[SLOTS[name].group]}.{name}_proj.weight"] = layer.applied_dense()
         sd[f"{pre}.input_layernorm.weight"] = block.attn_norm.weight
         sd[f"{pre}.post_attention_layernorm.weight"] = block.mlp_norm.weight
     if not model.cfg.tie_embeddings:
@@ -55,8 +68,70 @@ def llama_config(model: GPT, bos_id: int, eos_id: int):
                        hidden_act="silu")
 
 
-def export_llama(checkpoint: str | Path, out: str | Path, overwrite: bool = False, tolerance: float = 1e-4) -> dict:
-    """Write and verify the Hugging Face export; returns a report with the logit difference."""
+REMOTE = Path(__file__).parent / "hf_remote"
+REMOTE_FILES = ("configuration_structorch.py", "modeling_structorch.py")
+SPARSE_KINDS = ("nm", "blocksparse")
+"""Kinds exported as their kept values and flat positions (``dense`` too when it carries a pruning mask)."""
+
+
+def structured_projection(layer) -> tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """``(kind, parameters, buffers, hyper-parameters)`` of one projection for the remote code."""
+    if getattr(layer, "guide", None) is not None:
+        raise UserError("a self-guided dense path is still live in this checkpoint; export a step after the "
+                        "guide ends, or use --format dense")
+    kind = layer.name
+    if kind in SPARSE_KINDS or (kind == "dense" and layer.mask is not None):
+        w = layer.to_dense().detach().flatten()
+        idx = w.nonzero().flatten()
+        return "sparse", {"values": w[idx]}, {"indices": idx}, {}
+    tensors = {n: p.detach() for n, p in layer.named_parameters()}
+    if kind == "dense":
+        return kind, tensors, {}, {}
+    if kind == "lowrank":
+        return kind, {"u": tensors["u"], "v": tensors["v"]}, {}, {}
+    if kind == "sparse_lowrank":
+        return kind, {k: tensors[k] for k in ("u", "v", "values")}, {"indices": layer.indices}, {"scale": layer.scale}
+    if kind == "blockdiag":
+        return kind, {"weight": tensors["weight"]}, {}, {"shuffle": bool(layer.shuffle)}
+    if kind == "monarch":
+        return kind, {"l": tensors["l"], "r": tensors["r"]}, {}, {"blocks": layer.blocks, "rank": layer.rank}
+    if kind == "blast":
+        return kind, {k: tensors[k] for k in ("u", "s", "v")}, {}, {}
+    raise UserError(f"structure {kind!r} has no structured export; use --format dense")
+
+
+def structured_model(model: GPT, bos_id: int, eos_id: int):
+    """The remote-code model (built from tools/hf_remote) holding our tensors under Hugging Face names."""
+    from tools.hf_remote.configuration_structorch import StructorchConfig
+    from tools.hf_remote.modeling_structorch import StructorchForCausalLM
+
+    structures, sd = {}, {}
+    for name, layer in model.structured_layers().items():
+        _, i, group, slot = name.split(".")
+        kind, params, buffers, hparams = structured_projection(layer)
+        structures[name] = {"kind": kind, "in": layer.in_features, "out": layer.out_features, "hparams": hparams,
+                            "params": {k: list(v.shape) for k, v in params.items()},
+                            "buffers": {k: list(v.shape) for k, v in buffers.items()}}
+        pre = f"model.layers.{i}.{HF_GROUPS[group]}.{slot}_proj"
+        sd.update({f"{pre}.{k}": v for k, v in {**params, **buffers}.items()})
+    dense = llama_state_dict(model, projections=False)
+    base = llama_config(model, bos_id, eos_id).to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "auto_map"):
+        base.pop(key, None)
+    config = StructorchConfig(structures=structures, **base)
+    config.auto_map = {"AutoConfig": "configuration_structorch.StructorchConfig",
+                       "AutoModelForCausalLM": "modeling_structorch.StructorchForCausalLM"}
+    config.architectures = ["StructorchForCausalLM"]
+    hf = StructorchForCausalLM(config)
+    state = {**dense, **{k: v.float().contiguous().clone() if v.is_floating_point() else v.clone()
+                         for k, v in sd.items()}}
+    return hf, state
+
+
+def export_llama(checkpoint: str | Path, out: str | Path, overwrite: bool = False, tolerance: float = 1e-4,
+                 fmt: str = "dense") -> dict:
+    """Write and verify the Hugging Face export (``fmt``: dense or structured); returns a report with the logit
+    difference."""
     import sentencepiece as spm
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
@@ -72,20 +147,27 @@ def export_llama(checkpoint: str | Path, out: str | Path, overwrite: bool = Fals
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as tmp:
         staged = Path(tmp) / "hf"
-        hf = LlamaForCausalLM(llama_config(model, sp.bos_id(), sp.eos_id()))
-        missing, unexpected = hf.load_state_dict(llama_state_dict(model), strict=False)
+        if fmt == "structured":
+            hf, state = structured_model(model, sp.bos_id(), sp.eos_id())
+        else:
+            hf, state = LlamaForCausalLM(llama_config(model, sp.bos_id(), sp.eos_id())), llama_state_dict(model)
+        missing, unexpected = hf.load_state_dict(state, strict=False)
         missing = [k for k in missing if "rotary_emb" not in k]
         if missing or unexpected:
             raise RuntimeError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
         hf.save_pretrained(staged, safe_serialization=True)
+        if fmt == "structured":
+            for name in REMOTE_FILES:
+                shutil.copy(REMOTE / name, staged / name)
 
         shutil.copy(tokenizer_file, staged / "tokenizer.model")
         (staged / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
-        tok = AutoTokenizer.from_pretrained(staged, add_bos_token=False, add_eos_token=False)
+        remote = fmt == "structured"
+        tok = AutoTokenizer.from_pretrained(staged, add_bos_token=False, add_eos_token=False, trust_remote_code=remote)
         tok.save_pretrained(staged)
 
         # Verify: vanilla transformers reload, same logits and same token ids as ours.
-        reloaded = AutoModelForCausalLM.from_pretrained(staged, dtype=torch.float32).eval()
+        reloaded = AutoModelForCausalLM.from_pretrained(staged, dtype=torch.float32, trust_remote_code=remote).eval()
         gen = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, cfg.model.vocab_size, (2, min(64, cfg.model.max_seq_len)), generator=gen)
         with torch.no_grad():
@@ -93,7 +175,8 @@ def export_llama(checkpoint: str | Path, out: str | Path, overwrite: bool = Fals
         diff = float((ours - theirs).abs().max())
         scale = float(ours.abs().max())
         sample = "def greet(name):\n    return f'hello {name}!'  # 42\n"
-        ids_ok = AutoTokenizer.from_pretrained(staged).encode(sample, add_special_tokens=False) == sp.encode(sample)
+        ids_ok = AutoTokenizer.from_pretrained(staged, trust_remote_code=remote).encode(
+            sample, add_special_tokens=False) == sp.encode(sample)
         if diff > tolerance * max(1.0, scale) or not ids_ok:
             raise RuntimeError(f"verification failed: max |logit diff| = {diff:.3e} (scale {scale:.3g}), "
                                f"tokenizer ids equal: {ids_ok}; nothing written to {out}")
@@ -101,7 +184,8 @@ def export_llama(checkpoint: str | Path, out: str | Path, overwrite: bool = Fals
             shutil.rmtree(out)
         staged.rename(out)
     return {"checkpoint": str(step_dir), "out": str(out), "max_abs_logit_diff": diff, "logit_scale": scale,
-            "params_dense": sum(p.numel() for p in hf.parameters()), "params_structured": model.num_params()}
+            "params_dense": sum(p.numel() for p in hf.parameters()), "params_structured": model.num_params(),
+            "format": fmt}
 
 
 def main(argv=None) -> int:
@@ -110,19 +194,22 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="directory for the Hugging Face model")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     ap.add_argument("--tolerance", type=float, default=1e-4, help="max logit difference relative to logit scale")
+    ap.add_argument("--format", choices=("dense", "structured"), default="dense",
+                    help="dense: vanilla LlamaForCausalLM; structured: the factors, with remote code")
     args = ap.parse_args(argv)
     try:
-        report = export_llama(args.checkpoint, args.out, args.overwrite, args.tolerance)
+        report = export_llama(args.checkpoint, args.out, args.overwrite, args.tolerance, args.format)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"exported {report['checkpoint']} -> {report['out']} (LlamaForCausalLM, safetensors); "
+    kind = "StructorchForCausalLM with remote code" if args.format == "structured" else "LlamaForCausalLM"
+    print(f"exported {report['checkpoint']} -> {report['out']} ({kind}, safetensors); "
           f"verified: max |logit diff| {report['max_abs_logit_diff']:.2e} at logit scale "
-          f"{report['logit_scale']:.2f}; {report['params_structured']:,} structured -> "
-          f"{report['params_dense']:,} dense parameters")
+          f"{report['logit_scale']:.2f}; {report['params_structured']:,} structured parameters -> "
+          f"{report['params_dense']:,} in the export")
     return 0
 
 
