@@ -45,6 +45,8 @@ class TokenStore:
         self.vocab_size = int(attrs["vocab_size"])
         self.eos_id = int(attrs["eos_id"])
         self.tokenizer_model = base64.b64decode(attrs["tokenizer_model"])
+        self.tokenizer_kind = attrs.get("tokenizer_kind", "sentencepiece")
+        self.special_tokens = {k: attrs[k] for k in ("eos_token", "bos_token") if k in attrs}
         self.doc_offsets = np.asarray(offsets[:], dtype=np.int64)
         self._tokens = tokens[:] if tokens.nbytes <= IN_MEMORY_BYTES else tokens
         self.num_tokens = int(tokens.shape[0])
@@ -158,6 +160,7 @@ class Corpus:
         self.train, self.val = Blend(train, weights), Blend(val, weights)
         self.vocab_size = first.vocab_size
         self.tokenizer_model = first.tokenizer_model
+        self.tokenizer_kind, self.special_tokens = first.tokenizer_kind, first.special_tokens
 
     def describe(self) -> str:
         parts = [f"{s.path} ({s.num_tokens:,} tokens, {len(s.doc_offsets) - 1:,} docs)" for s in self.stores]

@@ -53,6 +53,7 @@ from pretrain.sparsity import (
     enable_pruning,
     merge_pp,
 )
+from pretrain.tokenizer import tokenizer_files
 
 
 def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> GPT:
@@ -300,7 +301,7 @@ class Trainer:
     def save(self) -> Path:
         topology = {"dp": self.dims.dp, "tp": self.dims.tp, "pp": self.dims.pp}
         meta = {"consumed_samples": self.consumed, "config": to_dict(self.cfg), "topology": topology}
-        files = {"config.yaml": dump_config(self.cfg), "tokenizer.model": self.corpus.tokenizer_model}
+        files = {"config.yaml": dump_config(self.cfg), **tokenizer_files(self.corpus)}
         return self.ckpt.save(self.step, self.state, meta, files)
 
     def _on_signal(self, signum, frame) -> None:

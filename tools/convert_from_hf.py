@@ -15,9 +15,9 @@ and the validation loss on the run's token store before (the dense model) and af
 The result is ``OUT/config.yaml`` and ``OUT/checkpoints/step_000000``, an ordinary step directory with a zero
 optimizer state: ``--resume auto`` (or ``--resume OUT/checkpoints/step_000000 --set
 checkpoint.load_optimizer=false``) continues from it. The token store must be tokenized with the model's own
-sentencepiece ``tokenizer.model`` (``tools/prepare_data.py --tokenizer HF/tokenizer.model``). Refused, with the
-feature named: other architectures, biases, activations other than SiLU, RoPE scaling, sliding windows, a
-``head_dim`` other than ``hidden_size / num_attention_heads``, and tokenizers without a sentencepiece model.
+tokenizer, its sentencepiece ``tokenizer.model`` or else its ``tokenizer.json`` (``tools/prepare_data.py
+--tokenizer HF``). Refused, with the feature named: other architectures, biases, activations other than SiLU, RoPE
+scaling, sliding windows, and a ``head_dim`` other than ``hidden_size / num_attention_heads``.
 """
 
 import argparse
@@ -33,6 +33,7 @@ from model.config import SLOTS, StructureSpec
 from model.gpt import GPT
 from model.structured import spec_params, structure_class
 from pretrain.config import ConfigError, UserError, load_config
+from pretrain.tokenizer import TokenizerError, read_tokenizer
 from pretrain.train import Trainer
 from tools.convert_to_hf import HF_GROUPS
 
@@ -120,15 +121,16 @@ def our_state_dict(hf_sd: dict[str, torch.Tensor], n_layers: int, tied: bool) ->
     return {ours: hf_sd[theirs].float() for theirs, ours in names.items()}
 
 
-def check_tokenizer(hf: Path, store_tokenizer: bytes, data_paths: list[str]) -> None:
-    sp_file = hf / "tokenizer.model"
-    if not sp_file.is_file():
-        found = [p.name for p in (hf / "tokenizer.json", hf / "tokenizer_config.json") if p.is_file()]
-        raise UserError(f"--hf {hf}: no sentencepiece tokenizer.model (found {found or 'no tokenizer'}); token stores "
-                        "hold a sentencepiece model, so only tokenizer.model tokenizers can be imported")
-    if sp_file.read_bytes() != store_tokenizer:
-        raise UserError(f"the token store(s) {data_paths} were not tokenized with {sp_file}; prepare one with: "
-                        f"python tools/prepare_data.py --out DIR --tokenizer {sp_file}")
+def check_tokenizer(hf: Path, corpus, data_paths: list[str]) -> None:
+    """The run's token store must hold the model's own tokenizer (``tokenizer.model`` first, else
+    ``tokenizer.json``)."""
+    try:
+        theirs = read_tokenizer(hf)
+    except TokenizerError as e:
+        raise UserError(f"--hf {hf}: no usable tokenizer ({e})") from None
+    if theirs.kind != corpus.tokenizer_kind or theirs.blob != corpus.tokenizer_model:
+        raise UserError(f"the token store(s) {data_paths} were not tokenized with {hf / theirs.file_name}; prepare "
+                        f"one with: python tools/prepare_data.py --out DIR --tokenizer {hf}")
 
 
 def dense_config(cfg):
@@ -146,7 +148,7 @@ def import_hf(hf: str | Path, recipe: str | Path | None, out: str | Path, overri
     if dist.is_initialized() and dist.get_world_size() > 1:
         raise UserError("convert_from_hf runs on one process (it writes a checkpoint any topology resumes)")
     trainer = Trainer(cfg)
-    check_tokenizer(hf, trainer.corpus.tokenizer_model, cfg.data.paths)
+    check_tokenizer(hf, trainer.corpus, cfg.data.paths)
     sd = our_state_dict(read_hf_weights(hf), c["num_hidden_layers"], cfg.model.tie_embeddings)
 
     dense = GPT(dense_config(cfg))

@@ -17,9 +17,9 @@ vanilla ``transformers`` with no remote code.
 trust_remote_code=True)`` loads it with our parameter count; ``generate`` and its KV cache are Llama's. A live
 self-guided dense path is refused (export after it ends, or use the dense format).
 
-Either way the sentencepiece tokenizer the model was trained with is exported beside it, and before anything is
-moved into ``--out`` the exported model is reloaded with ``AutoModelForCausalLM`` and its logits are compared
-with ours on a sample batch; a mismatch aborts.
+Either way the tokenizer the model was trained with (sentencepiece or tokenizers) is exported beside it, and
+before anything is moved into ``--out`` the exported model is reloaded with ``AutoModelForCausalLM`` and its
+logits are compared with ours on a sample batch; a mismatch aborts.
 """
 
 import argparse
@@ -35,6 +35,7 @@ from model.config import SLOTS
 from model.gpt import GPT
 from pretrain.checkpoint import load_model
 from pretrain.config import UserError
+from pretrain.tokenizer import TokenizerError, read_tokenizer
 
 HF_GROUPS = {"attn": "self_attn", "mlp": "mlp"}
 """Hugging Face Llama's module of each slot group (``model.layers.N.self_attn.q_proj``, ``...mlp.up_proj``)."""
@@ -132,25 +133,25 @@ def export_llama(checkpoint: str | Path, out: str | Path, overwrite: bool = Fals
                  fmt: str = "dense") -> dict:
     """Write and verify the Hugging Face export (``fmt``: dense or structured); returns a report with the logit
     difference."""
-    import sentencepiece as spm
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"--out {out} already exists; pass --overwrite to replace it")
     model, cfg, step_dir = load_model(checkpoint)
-    tokenizer_file = step_dir / "tokenizer.model"
-    if not tokenizer_file.is_file():
-        raise UserError(f"{step_dir}: no tokenizer.model in the checkpoint")
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_file))
+    try:
+        ours_tok = read_tokenizer(step_dir)
+    except TokenizerError as e:
+        raise UserError(f"the checkpoint's tokenizer: {e}") from None
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as tmp:
         staged = Path(tmp) / "hf"
         if fmt == "structured":
-            hf, state = structured_model(model, sp.bos_id(), sp.eos_id())
+            hf, state = structured_model(model, ours_tok.bos_id, ours_tok.eos_id)
         else:
-            hf, state = LlamaForCausalLM(llama_config(model, sp.bos_id(), sp.eos_id())), llama_state_dict(model)
+            hf = LlamaForCausalLM(llama_config(model, ours_tok.bos_id, ours_tok.eos_id))
+            state = llama_state_dict(model)
         missing, unexpected = hf.load_state_dict(state, strict=False)
         missing = [k for k in missing if "rotary_emb" not in k]
         if missing or unexpected:
@@ -160,10 +161,16 @@ def export_llama(checkpoint: str | Path, out: str | Path, overwrite: bool = Fals
             for name in REMOTE_FILES:
                 shutil.copy(REMOTE / name, staged / name)
 
-        shutil.copy(tokenizer_file, staged / "tokenizer.model")
-        (staged / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
         remote = fmt == "structured"
-        tok = AutoTokenizer.from_pretrained(staged, add_bos_token=False, add_eos_token=False, trust_remote_code=remote)
+        (staged / ours_tok.file_name).write_bytes(ours_tok.blob)
+        if ours_tok.kind == "sentencepiece":
+            (staged / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+            tok = AutoTokenizer.from_pretrained(staged, add_bos_token=False, add_eos_token=False,
+                                                trust_remote_code=remote)
+        else:
+            from transformers import PreTrainedTokenizerFast
+
+            tok = PreTrainedTokenizerFast(tokenizer_file=str(staged / ours_tok.file_name), **ours_tok.special_tokens())
         tok.save_pretrained(staged)
 
         # Verify: vanilla transformers reload, same logits and same token ids as ours.
@@ -176,7 +183,7 @@ def export_llama(checkpoint: str | Path, out: str | Path, overwrite: bool = Fals
         scale = float(ours.abs().max())
         sample = "def greet(name):\n    return f'hello {name}!'  # 42\n"
         ids_ok = AutoTokenizer.from_pretrained(staged, trust_remote_code=remote).encode(
-            sample, add_special_tokens=False) == sp.encode(sample)
+            sample, add_special_tokens=False) == ours_tok.encode([sample])[0]
         if diff > tolerance * max(1.0, scale) or not ids_ok:
             raise RuntimeError(f"verification failed: max |logit diff| = {diff:.3e} (scale {scale:.3g}), "
                                f"tokenizer ids equal: {ids_ok}; nothing written to {out}")

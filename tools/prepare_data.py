@@ -5,6 +5,7 @@ Usage:
     python tools/prepare_data.py --out data/mine --input corpus/ notes.jsonl --vocab-size 8192
     python tools/prepare_data.py --out data/wiki --dataset wikitext --dataset-config wikitext-2-raw-v1
     python tools/prepare_data.py --out data/b --input more/ --tokenizer data/stdlib/tokenizer.model
+    python tools/prepare_data.py --out data/c --input more/ --tokenizer path/to/hf-model   # its tokenizer
 
 Sources: ``--input`` files or directories (.txt/.md/.py/.rst read as one document per file, .json/.jsonl/
 .parquet rows with a ``--text-field``), a Hugging Face ``--dataset``, or by default the ``.py`` sources of
@@ -28,6 +29,7 @@ import zarr
 from tqdm import tqdm
 
 from pretrain.data import FORMAT
+from pretrain.tokenizer import TextTokenizer, TokenizerError, read_tokenizer
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text"}
 TABLE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -109,23 +111,23 @@ def train_tokenizer(ds, vocab_size: int, num_threads: int) -> bytes:
     return buf.getvalue()
 
 
-_PROCESSORS: dict[int, spm.SentencePieceProcessor] = {}
+_PROCESSORS: dict[tuple, TextTokenizer] = {}
 
 
-def _encode(batch, model: bytes):
-    key = hash(model)
+def _encode(batch, kind: str, model: bytes, eos: str | None, bos: str | None):
+    key = (kind, hash(model), eos, bos)
     if key not in _PROCESSORS:
-        _PROCESSORS[key] = spm.SentencePieceProcessor(model_proto=model)
-    sp = _PROCESSORS[key]
-    ids = sp.encode(batch["text"])
-    return {"ids": [x + [sp.eos_id()] for x in ids]}
+        _PROCESSORS[key] = TextTokenizer(kind, model, eos, bos)
+    tok = _PROCESSORS[key]
+    return {"ids": [x + [tok.eos_id] for x in tok.encode(batch["text"])]}
 
 
-def write_store(out: Path, tokenized, model: bytes, vocab_size: int, source: str, seed: int) -> dict:
+def write_store(out: Path, tokenized, tok: TextTokenizer, source: str, seed: int) -> dict:
     """Write the zarr token store to ``out`` (which must not exist); returns its attributes."""
     lengths = np.asarray([len(x) for x in tokenized["ids"]], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     total = int(offsets[-1])
+    vocab_size = tok.vocab_size
     dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
     group = zarr.open_group(str(out), mode="w-")
     tokens = group.create_array("tokens", shape=(total,), dtype=dtype, chunks=(CHUNK,))
@@ -146,12 +148,12 @@ def write_store(out: Path, tokenized, model: bytes, vocab_size: int, source: str
         if fill:
             tokens[pos:pos + fill] = buf[:fill]
             bar.update(fill)
-    sp = spm.SentencePieceProcessor(model_proto=model)
-    attrs = {"format": FORMAT, "vocab_size": vocab_size, "eos_id": sp.eos_id(), "bos_id": sp.bos_id(),
+    attrs = {"format": FORMAT, "vocab_size": vocab_size, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
              "num_tokens": total, "num_docs": len(lengths), "source": source, "seed": seed,
-             "tokenizer_model": base64.b64encode(model).decode()}
+             "tokenizer_kind": tok.kind, **tok.special_tokens(),
+             "tokenizer_model": base64.b64encode(tok.blob).decode()}
     group.attrs.update(attrs)
-    (out / "tokenizer.model").write_bytes(model)
+    (out / tok.file_name).write_bytes(tok.blob)
     return attrs
 
 
@@ -164,7 +166,8 @@ def parse_args(argv=None):
     ap.add_argument("--dataset-config", default=None, help="dataset configuration name")
     ap.add_argument("--split", default="train", help="dataset split (with --dataset)")
     ap.add_argument("--text-field", default="text", help="column holding the text (json/parquet/--dataset)")
-    ap.add_argument("--tokenizer", help="existing sentencepiece .model to use instead of training one")
+    ap.add_argument("--tokenizer", help="existing tokenizer instead of training one: a sentencepiece .model, a "
+                    "tokenizers .json, or a Hugging Face model directory holding either")
     ap.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of a newly trained tokenizer")
     ap.add_argument("--max-docs", type=int, default=0, help="keep at most this many documents (0: all)")
     ap.add_argument("--num-proc", type=int, default=2, help="tokenizer processes")
@@ -187,25 +190,22 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as tmp:
         ds = load_documents(args, cache_dir=str(Path(tmp) / "hf-cache"))
         if args.tokenizer:
-            tok = Path(args.tokenizer)
-            if not tok.is_file():
-                print(f"error: --tokenizer {tok}: no such file", file=sys.stderr)
-                return 2
-            model = tok.read_bytes()
             try:
-                vocab = spm.SentencePieceProcessor(model_proto=model).get_piece_size()
-            except RuntimeError as e:
-                print(f"error: --tokenizer {tok}: not a sentencepiece model ({e})", file=sys.stderr)
+                tok = read_tokenizer(args.tokenizer)
+            except TokenizerError as e:
+                print(f"error: --tokenizer {e}", file=sys.stderr)
                 return 2
         else:
             print(f"training a {args.vocab_size}-piece BPE tokenizer on {len(ds):,} documents")
-            model, vocab = train_tokenizer(ds, args.vocab_size, args.num_proc), args.vocab_size
-        tokenized = ds.map(_encode, batched=True, batch_size=64, fn_kwargs={"model": model},
+            tok = TextTokenizer("sentencepiece", train_tokenizer(ds, args.vocab_size, args.num_proc))
+        vocab = tok.vocab_size
+        tokenized = ds.map(_encode, batched=True, batch_size=64,
+                           fn_kwargs={"kind": tok.kind, "model": tok.blob, "eos": tok.eos_token, "bos": tok.bos_token},
                            num_proc=args.num_proc if args.num_proc > 1 else None,
                            remove_columns=["text"], desc="tokenize")
         source = args.dataset or (" ".join(args.input) if args.input else "python-stdlib")
         staged = Path(tmp) / "store"
-        attrs = write_store(staged, tokenized, model, vocab, source, args.seed)
+        attrs = write_store(staged, tokenized, tok, source, args.seed)
         if out.exists():
             shutil.rmtree(out)
         staged.rename(out)

@@ -101,14 +101,64 @@ def test_unsupported_features_are_named(tiny_store, tmp_path, change, match):
         import_hf(path, None, tmp_path / "run", tiny_overrides(tiny_store, tmp_path / "unused"))
 
 
-def test_tokenizer_must_be_sentencepiece_and_match_the_store(tiny_store, tmp_path):
+def test_the_store_must_hold_the_models_own_tokenizer(tiny_store, tmp_path):
     _, path = _hf_llama(tmp_path, tiny_store)
     over = tiny_overrides(tiny_store, tmp_path / "unused")
-    (path / "tokenizer.model").write_bytes(b"not the store's tokenizer")
-    with pytest.raises(UserError, match=r"not tokenized with .*prepare_data.py --out DIR --tokenizer"):
+    (path / "tokenizer.model").write_bytes(b"not a tokenizer")
+    with pytest.raises(UserError, match=r"no usable tokenizer .*not a sentencepiece model"):
         import_hf(path, None, tmp_path / "run", over)
     (path / "tokenizer.model").unlink()
-    (path / "tokenizer.json").write_text("{}")
-    with pytest.raises(UserError, match=r"no sentencepiece tokenizer.model \(found \['tokenizer.json'\]"):
+    _bpe_tokenizer(path)  # a valid tokenizer.json: not the store's sentencepiece model
+    with pytest.raises(UserError, match=r"not tokenized with .*tokenizer.json; prepare one with: .*--tokenizer"):
         import_hf(path, None, tmp_path / "run2", over)
     assert main(["--hf", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+
+
+def _bpe_tokenizer(directory):
+    """A byte-level BPE ``tokenizer.json`` (the tokenizers library, as Llama 3 and most recent models ship) trained
+    on a few standard-library modules, with a ``tokenizer_config.json`` naming its special tokens."""
+    import sysconfig
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    root = sysconfig.get_paths()["stdlib"]
+    texts = [open(f"{root}/{m}.py").read() for m in ("os", "json/__init__", "textwrap", "string", "shlex")]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=420, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "bos_token": "<s>"}))
+    return tok.get_vocab_size()
+
+
+def test_a_tokenizers_json_model_is_imported_trained_and_exported(tmp_path):
+    """A model whose only tokenizer is a tokenizer.json: the store is prepared with it, the import reproduces the
+    model's logits, and training then exporting carries the same tokenizer (the export checks its token ids)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tools.prepare_data import main as prepare
+
+    hf_dir = tmp_path / "hf"
+    vocab = _bpe_tokenizer(hf_dir)
+    store = tmp_path / "store"
+    assert prepare(["--out", str(store), "--max-docs", "40", "--num-proc", "1", "--tokenizer", str(hf_dir)]) == 0
+    assert (store / "tokenizer.json").is_file()
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+    hf.save_pretrained(hf_dir)
+    report = import_hf(hf_dir, None, tmp_path / "run", tiny_overrides(store, tmp_path / "unused"))
+    ours, _, step_dir = load_model(report["step_dir"])
+    assert (step_dir / "tokenizer.json").is_file()
+    tokens = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
+    cfg = load_config(tmp_path / "run" / "config.yaml", ["checkpoint.resume=auto", "train.steps=2",
+                                                          "checkpoint.interval=2"])
+    Trainer(cfg).fit()
+    export = export_llama(tmp_path / "run" / "checkpoints", tmp_path / "out")
+    assert export["max_abs_logit_diff"] < 1e-4 * max(1.0, export["logit_scale"])
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
