@@ -15,7 +15,8 @@ Layout of ``<out_dir>/checkpoints``::
       per_rank/rank_00000.safetensors   per-rank parts (RNG)
       meta.json                 step, consumed samples, resolved config, the topology that wrote it
       config.yaml               the same config, for people
-      tokenizer.model           the sentencepiece model of the training data (export needs it)
+      tokenizer.model           the training data's tokenizer (export needs it): a sentencepiece model, or
+                                tokenizer.json + tokenizer_config.json (the tokenizers library)
       manifest.json             size and SHA-256 of every file above, written last
     latest                      name of the newest step directory, a hint (the newest intact one wins)
 
