@@ -95,3 +95,24 @@ def test_structured_export_keeps_the_factors_and_generates_like_the_dense_one(ru
     prompt = tokens[:1, :6]
     kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
     assert structured.generate(prompt, **kw).tolist() == dense.generate(prompt, **kw).tolist()  # KV cache on
+
+
+def test_structured_export_of_a_pruned_dense_model_keeps_only_the_kept_weights(tiny_store, tmp_path):
+    """Dense projections pruned by gmp (element masks) go out as their kept values: our parameter count, our logits."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_overrides
+
+    rules = "[{select: default, method: gmp, target: 0.5, start: 0.0, end: 0.5, interval: 1}]"
+    args = []
+    for o in [*tiny_overrides(tiny_store, tmp_path / "run", **{"train.steps": 4}), f"sparsity.rules={rules}"]:
+        args += ["--set", o]
+    assert train_main(args) == 0
+    report = export_llama(tmp_path / "run" / "checkpoints", tmp_path / "hf", fmt="structured")
+    ours, _, _ = load_model(tmp_path / "run" / "checkpoints")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, trust_remote_code=True).eval()
+    assert hf.num_parameters() == ours.num_params() == report["params_dense"]
+    assert hf.config.structures["layers.0.attn.q"]["kind"] == "sparse"
+    tokens = torch.randint(0, ours.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, ours(tokens), rtol=1e-4, atol=1e-4)
