@@ -109,6 +109,11 @@ class MomentumLBFGS(BlockOptimizer):
         super().forget(names)
         self.fresh.difference_update(names)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the reductions run (the parameters' device: a rank that owns no block still joins them)."""
+        return next(p.device for g in self.param_groups for p in g["params"])
+
     def sharded(self, name: str) -> bool:
         return self.placements.get(name) is not None
 
@@ -128,8 +133,7 @@ class MomentumLBFGS(BlockOptimizer):
                    index: dict[str, int]) -> torch.Tensor:
         """``[blocks, width]``: per block, the sum over its tensors of ``parts(p, state)`` (a ``[width]`` float64
         vector), shards summed over tp and replicated tensors counted once."""
-        ref = owned[0][0] if owned else torch.zeros(())
-        shard = torch.zeros(len(index), width, dtype=torch.float64, device=ref.device)
+        shard = torch.zeros(len(index), width, dtype=torch.float64, device=self.device)
         repl = torch.zeros_like(shard)
         for p, _ in owned:
             name = self.names[id(p)]
@@ -174,7 +178,7 @@ class MomentumLBFGS(BlockOptimizer):
         dirs = self._two_loop(owned, grads, index, self._slots(t))
         if not self.normalize:
             return dirs
-        sq_shard = torch.zeros((), dtype=torch.float64, device=dirs[0].device if dirs else None)
+        sq_shard = torch.zeros((), dtype=torch.float64, device=self.device)
         sq_repl = torch.zeros_like(sq_shard)
         for (p, _), d in zip(owned, dirs, strict=True):
             sq = d.double().pow(2).sum()
