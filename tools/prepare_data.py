@@ -17,6 +17,7 @@ to ``OUT`` (written under a temporary name and renamed, so a failed run leaves n
 import argparse
 import base64
 import io
+import random
 import shutil
 import sys
 import sysconfig
@@ -92,21 +93,37 @@ def load_documents(args, cache_dir: str):
     return ds
 
 
-def train_tokenizer(ds, vocab_size: int, num_threads: int) -> bytes:
-    """A byte-fallback BPE sentencepiece model that keeps whitespace as is (code-friendly)."""
+def sample_lines(texts, sentences: int, seed: int) -> list[str]:
+    """At most ``sentences`` non-blank lines of ``texts``, a uniform reservoir sample drawn with ``seed``: memory
+    bounded by the sample, and the same input gives the same sample."""
+    rng = random.Random(seed)
+    sample: list[str] = []
+    seen = 0
+    for text in texts:
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            seen += 1
+            if len(sample) < sentences:
+                sample.append(line)
+            else:
+                j = rng.randrange(seen)
+                if j < sentences:
+                    sample[j] = line
+    return sample
 
-    def lines():
-        for text in ds["text"]:
-            for line in text.splitlines():
-                if line.strip():
-                    yield line
 
+def train_tokenizer(ds, vocab_size: int, num_threads: int, sentences: int = 500_000, seed: int = 0) -> bytes:
+    """A byte-fallback BPE sentencepiece model that keeps whitespace as is (code-friendly), trained on a seeded
+    sample of at most ``sentences`` lines (``sample_lines``; sentencepiece's own sampling is not reproducible, so
+    it is given the sample whole, unshuffled)."""
+    sample = sample_lines(ds["text"], sentences, seed)
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=lines(), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        sentence_iterator=iter(sample), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
         split_digits=True, allow_whitespace_only_pieces=True, character_coverage=1.0,
-        input_sentence_size=500_000, shuffle_input_sentence=True, max_sentence_length=8192,
+        input_sentence_size=0, shuffle_input_sentence=False, max_sentence_length=8192,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=num_threads, minloglevel=2)
     return buf.getvalue()
 
@@ -171,7 +188,9 @@ def parse_args(argv=None):
     ap.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of a newly trained tokenizer")
     ap.add_argument("--max-docs", type=int, default=0, help="keep at most this many documents (0: all)")
     ap.add_argument("--num-proc", type=int, default=2, help="tokenizer processes")
-    ap.add_argument("--seed", type=int, default=0, help="document shuffle seed")
+    ap.add_argument("--seed", type=int, default=0, help="document shuffle and tokenizer sample seed")
+    ap.add_argument("--tokenizer-sentences", type=int, default=500_000,
+                    help="lines sampled (seeded) to train a new tokenizer")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     return ap.parse_args(argv)
 
@@ -197,7 +216,8 @@ def main(argv=None) -> int:
                 return 2
         else:
             print(f"training a {args.vocab_size}-piece BPE tokenizer on {len(ds):,} documents")
-            tok = TextTokenizer("sentencepiece", train_tokenizer(ds, args.vocab_size, args.num_proc))
+            tok = TextTokenizer("sentencepiece", train_tokenizer(ds, args.vocab_size, args.num_proc,
+                                                                 args.tokenizer_sentences, args.seed))
         vocab = tok.vocab_size
         tokenized = ds.map(_encode, batched=True, batch_size=64,
                            fn_kwargs={"kind": tok.kind, "model": tok.blob, "eos": tok.eos_token, "bos": tok.bos_token},
