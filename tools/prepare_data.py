@@ -117,7 +117,8 @@ def train_tokenizer(ds, vocab_size: int, num_threads: int, sentences: int = 500_
     """A byte-fallback BPE sentencepiece model that keeps whitespace as is (code-friendly), trained on a seeded
     sample of at most ``sentences`` lines (``sample_lines``; sentencepiece's own sampling is not reproducible, so
     it is given the sample whole, unshuffled)."""
-    sample = sample_lines(ds["text"], sentences, seed)
+    texts = (text for batch in ds.iter(batch_size=256) for text in batch["text"])  # not the whole column at once
+    sample = sample_lines(texts, sentences, seed)
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sample), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
