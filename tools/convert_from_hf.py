@@ -29,13 +29,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from model.config import SLOTS, StructureSpec
+from model.config import StructureSpec
 from model.gpt import GPT
 from model.structured import spec_params, structure_class
 from pretrain.config import ConfigError, UserError, load_config
 from pretrain.tokenizer import TokenizerError, read_tokenizer
 from pretrain.train import Trainer
-from tools.convert_to_hf import HF_GROUPS
+from tools.convert_to_hf import hf_names
 
 SUPPORTED = ("LlamaForCausalLM",)
 
@@ -103,15 +103,7 @@ def read_hf_weights(hf: Path) -> dict[str, torch.Tensor]:
 
 def our_state_dict(hf_sd: dict[str, torch.Tensor], n_layers: int, tied: bool) -> dict[str, torch.Tensor]:
     """Hugging Face Llama names -> ours (projections as dense ``weight``); a leftover tensor is an error."""
-    names = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight"}
-    if not tied:
-        names["lm_head.weight"] = "output.weight"
-    for i in range(n_layers):
-        pre = f"model.layers.{i}"
-        for slot, s in SLOTS.items():
-            names[f"{pre}.{HF_GROUPS[s.group]}.{slot}_proj.weight"] = f"layers.{i}.{s.group}.{slot}.weight"
-        names[f"{pre}.input_layernorm.weight"] = f"layers.{i}.attn_norm.weight"
-        names[f"{pre}.post_attention_layernorm.weight"] = f"layers.{i}.mlp_norm.weight"
+    names = {theirs: ours for ours, theirs in hf_names(n_layers, tied).items()}
     missing = sorted(set(names) - set(hf_sd))
     extra = sorted(k for k in set(hf_sd) - set(names) if not k.endswith("rotary_emb.inv_freq")
                    and not (tied and k == "lm_head.weight"))

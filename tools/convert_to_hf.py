@@ -41,19 +41,32 @@ HF_GROUPS = {"attn": "self_attn", "mlp": "mlp"}
 """Hugging Face Llama's module of each slot group (``model.layers.N.self_attn.q_proj``, ``...mlp.up_proj``)."""
 
 
+def hf_names(n_layers: int, tied: bool) -> dict[str, str]:
+    """Hugging Face Llama's name of every tensor, by our name (each projection as its dense ``<proj>.weight``);
+    the one map the export and the import (``tools/convert_from_hf.py``) share."""
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if not tied:
+        names["output.weight"] = "lm_head.weight"
+    for i in range(n_layers):
+        pre = f"model.layers.{i}"
+        for slot, s in SLOTS.items():
+            names[f"layers.{i}.{s.group}.{slot}.weight"] = f"{pre}.{HF_GROUPS[s.group]}.{slot}_proj.weight"
+        names[f"layers.{i}.attn_norm.weight"] = f"{pre}.input_layernorm.weight"
+        names[f"layers.{i}.mlp_norm.weight"] = f"{pre}.post_attention_layernorm.weight"
+    return names
+
+
 def llama_state_dict(model: GPT, projections: bool = True) -> dict[str, torch.Tensor]:
     """Our parameters under Hugging Face Llama names, structured projections densified (left out when not
     ``projections``)."""
-    sd = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight}
-    for i, block in model.layers.items():
-        pre = f"model.layers.{i}"
-        for name, _, layer in block.projections():
-            if projections:
-                sd[f"{pre}.{HF_GROUPS[SLOTS[name].group]}.{name}_proj.weight"] = layer.applied_dense()
-        sd[f"{pre}.input_layernorm.weight"] = block.attn_norm.weight
-        sd[f"{pre}.post_attention_layernorm.weight"] = block.mlp_norm.weight
-    if not model.cfg.tie_embeddings:
-        sd["lm_head.weight"] = model.output.weight
+    layers = model.structured_layers()
+    sd = {}
+    for ours, theirs in hf_names(model.cfg.n_layers, model.cfg.tie_embeddings).items():
+        layer = layers.get(ours.removesuffix(".weight"))
+        if layer is None:
+            sd[theirs] = model.get_parameter(ours)
+        elif projections:
+            sd[theirs] = layer.applied_dense()
     return {k: v.detach().float().contiguous().clone() for k, v in sd.items()}
 
 
