@@ -83,25 +83,33 @@ def mesh_sum(sharded: torch.Tensor, replicated: torch.Tensor, tp_group: ProcessG
     return total
 
 
-def clip_global_norm(named_grads: dict[str, torch.Tensor], sharded: set[str], max_norm: float,
-                     tp_group: ProcessGroup | None, pp_group: ProcessGroup | None,
-                     dp_group: ProcessGroup | None = None) -> float:
-    """Clip to the norm of the *global* gradient; returns that norm.
-
-    Tensor-parallel shards contribute their squares summed over tp; replicated tensors count once;
-    pipeline stages hold disjoint tensors and are summed over pp. Data-parallel replicas are identical,
-    unless ``dp_group`` is given: then each dp rank passes only the gradients it owns and they are summed.
-    """
-    ref = next(iter(named_grads.values()))
-    shard_sq = torch.zeros((), dtype=torch.float64, device=ref.device)
-    repl_sq = torch.zeros((), dtype=torch.float64, device=ref.device)
-    for name, g in named_grads.items():
-        sq = g.detach().double().pow(2).sum()
+def global_norm(named: dict[str, torch.Tensor], sharded: set[str], tp_group: ProcessGroup | None,
+                pp_group: ProcessGroup | None, dp_group: ProcessGroup | None = None,
+                device: torch.device | None = None) -> float:
+    """The norm of the *global* tensor that ``named`` are this rank's parts of: tensor-parallel shards
+    (``sharded`` names) contribute their squares summed over tp; replicated tensors count once; pipeline stages
+    hold disjoint tensors and are summed over pp; with ``dp_group``, each dp rank passes only the tensors it owns
+    and they are summed. Collective over the groups given, on ``device`` (default: the tensors'; a rank passing
+    none still joins)."""
+    ref = next(iter(named.values()), None)
+    device = device or (None if ref is None else ref.device)
+    shard_sq = torch.zeros((), dtype=torch.float64, device=device)
+    repl_sq = torch.zeros_like(shard_sq)
+    for name, t in named.items():
+        sq = t.detach().double().pow(2).sum()
         if name in sharded:
             shard_sq += sq
         else:
             repl_sq += sq
-    norm = math.sqrt(float(mesh_sum(shard_sq, repl_sq, tp_group, pp_group, dp_group)))
+    return math.sqrt(float(mesh_sum(shard_sq, repl_sq, tp_group, pp_group, dp_group)))
+
+
+def clip_global_norm(named_grads: dict[str, torch.Tensor], sharded: set[str], max_norm: float,
+                     tp_group: ProcessGroup | None, pp_group: ProcessGroup | None,
+                     dp_group: ProcessGroup | None = None) -> float:
+    """Clip to the norm of the *global* gradient (``global_norm``); returns that norm. Data-parallel replicas
+    are identical, unless ``dp_group`` is given: then each dp rank passes only the gradients it owns."""
+    norm = global_norm(named_grads, sharded, tp_group, pp_group, dp_group)
     if max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
         for g in named_grads.values():

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from parallel.data import mesh_sum
+from parallel.data import global_norm, mesh_sum
 from pretrain.optim.base import BlockOptimizer
 
 GRANULARITIES = ("tensor", "layer", "stage")
@@ -178,15 +178,9 @@ class MomentumLBFGS(BlockOptimizer):
         dirs = self._two_loop(owned, grads, index, self._slots(t))
         if not self.normalize:
             return dirs
-        sq_shard = torch.zeros((), dtype=torch.float64, device=self.device)
-        sq_repl = torch.zeros_like(sq_shard)
-        for (p, _), d in zip(owned, dirs, strict=True):
-            sq = d.double().pow(2).sum()
-            if self.sharded(self.names[id(p)]):
-                sq_shard += sq
-            else:
-                sq_repl += sq
-        norm = float(mesh_sum(sq_shard, sq_repl, self.tp_group, self.pp_group, self.dp_group)) ** 0.5
+        named = {self.names[id(p)]: d for (p, _), d in zip(owned, dirs, strict=True)}
+        norm = global_norm(named, {n for n in named if self.sharded(n)}, self.tp_group, self.pp_group, self.dp_group,
+                           self.device)
         if norm > 0:
             for d in dirs:
                 d.div_(norm)
