@@ -31,7 +31,8 @@ class DataConfig:
     """Token stores and how windows are drawn from them."""
 
     paths: list[str] = field(default_factory=lambda: ["data/stdlib"])
-    """Token stores written by ``tools/prepare_data.py`` (zarr directories)."""
+    """Token stores: zarr directories written by ``tools/prepare_data.py``, or Megatron corpora given by the prefix
+    of their ``.bin/.idx`` files (read with megatron-core's ``IndexedDataset``)."""
     weights: list[float] | None = None
     """Blend weights, one per path (normalised); None weighs stores equally."""
     seq_len: int = 128
@@ -40,6 +41,12 @@ class DataConfig:
     """Fraction of each store's documents (the tail, cut at a document boundary) held out for validation."""
     seed: int = 1234
     """Seed of the window permutation (one permutation per epoch)."""
+    tokenizer: str | None = None
+    """The run's tokenizer (a ``.model``/``.json`` file or a directory holding one). Needed by a Megatron corpus
+    without a ``PREFIX.tokenizer/`` beside it; when set, every store that records a tokenizer must use this one."""
+    sampler: Literal["native", "megatron"] = "native"
+    """native: seeded non-overlapping windows, blended by weight (resumable at any sample); megatron: Megatron-LM's
+    ``GPTDataset`` / ``BlendedMegatronDatasetBuilder`` sample order (megatron-core), for runs moved from Megatron."""
 
 
 @dataclass

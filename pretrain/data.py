@@ -15,8 +15,11 @@ import torch
 import zarr
 
 from pretrain.config import DataConfig, UserError
+from pretrain.tokenizer import TextTokenizer, TokenizerError, read_tokenizer
 
 FORMAT = "structorch-tokens-v1"
+MEGATRON_TOKENIZER = ".tokenizer"
+"""``PREFIX.tokenizer/`` beside a Megatron corpus ``PREFIX.bin/.idx``: its tokenizer, when prepare_data wrote it."""
 IN_MEMORY_BYTES = 1 << 30
 """Stores up to this size are read into memory once; larger ones are sliced from zarr per window."""
 
@@ -25,31 +28,13 @@ class DataError(UserError):
     """A missing, malformed or inconsistent token store."""
 
 
-class TokenStore:
-    """Read access to one token store."""
+class _Store:
+    """What the samplers read from a corpus: its tokens as one flat array cut into documents."""
 
-    def __init__(self, path: str | Path, field: str = "data.paths[0]"):
-        self.path = Path(path)
-        hint = f"create it with: python tools/prepare_data.py --out {self.path}"
-        if not self.path.exists():
-            raise DataError(f"{field}={self.path}: no token store there; {hint}")
-        try:
-            group = zarr.open_group(str(self.path), mode="r")
-            attrs = dict(group.attrs)
-            tokens, offsets = group["tokens"], group["doc_offsets"]
-        except Exception as e:  # zarr raises several types for a directory that is not a group
-            raise DataError(f"{field}={self.path}: not a token store ({type(e).__name__}: {e}); {hint}") from None
-        if attrs.get("format") != FORMAT:
-            raise DataError(f"{field}={self.path}: format {attrs.get('format')!r} is not {FORMAT!r}; {hint}")
-        self.attrs = attrs
-        self.vocab_size = int(attrs["vocab_size"])
-        self.eos_id = int(attrs["eos_id"])
-        self.tokenizer_model = base64.b64decode(attrs["tokenizer_model"])
-        self.tokenizer_kind = attrs.get("tokenizer_kind", "sentencepiece")
-        self.special_tokens = {k: attrs[k] for k in ("eos_token", "bos_token") if k in attrs}
-        self.doc_offsets = np.asarray(offsets[:], dtype=np.int64)
-        self._tokens = tokens[:] if tokens.nbytes <= IN_MEMORY_BYTES else tokens
-        self.num_tokens = int(tokens.shape[0])
+    path: Path
+    num_tokens: int
+    doc_offsets: np.ndarray
+    tokenizer_model: bytes
 
     @property
     def tokenizer_digest(self) -> str:
@@ -64,8 +49,120 @@ class TokenStore:
             cut = target
         return cut
 
+    def _use_tokenizer(self, tok: TextTokenizer) -> None:
+        self.vocab_size, self.eos_id = tok.vocab_size, tok.eos_id
+        self.tokenizer_model, self.tokenizer_kind, self.special_tokens = tok.blob, tok.kind, tok.special_tokens()
+
+
+class TokenStore(_Store):
+    """Read access to one zarr token store."""
+
+    def __init__(self, path: str | Path, field: str = "data.paths[0]"):
+        self.path = Path(path)
+        hint = f"create it with: python tools/prepare_data.py --out {self.path}"
+        if not self.path.exists():
+            raise DataError(f"{field}={self.path}: no token store there; {hint} (or give the prefix of a Megatron "
+                            f"corpus PREFIX.bin/.idx)")
+        try:
+            group = zarr.open_group(str(self.path), mode="r")
+            attrs = dict(group.attrs)
+            tokens, offsets = group["tokens"], group["doc_offsets"]
+        except Exception as e:  # zarr raises several types for a directory that is not a group
+            raise DataError(f"{field}={self.path}: not a token store ({type(e).__name__}: {e}); {hint}") from None
+        if attrs.get("format") != FORMAT:
+            raise DataError(f"{field}={self.path}: format {attrs.get('format')!r} is not {FORMAT!r}; {hint}")
+        self.attrs = attrs
+        self.vocab_size = int(attrs["vocab_size"])
+        self.eos_id = int(attrs["eos_id"])
+        self.tokenizer_model = base64.b64decode(attrs["tokenizer_model"])
+        self.tokenizer_kind = attrs.get("tokenizer_kind", "sentencepiece")
+        self.special_tokens = {k: attrs[k] for k in ("eos_token", "bos_token") if k in attrs}
+        self.own_tokenizer = True
+        self.doc_offsets = np.asarray(offsets[:], dtype=np.int64)
+        self._tokens = tokens[:] if tokens.nbytes <= IN_MEMORY_BYTES else tokens
+        self.num_tokens = int(tokens.shape[0])
+
     def window(self, start: int, length: int) -> np.ndarray:
         return np.asarray(self._tokens[start:start + length], dtype=np.int64)
+
+
+class MegatronStore(_Store):
+    """A Megatron corpus ``PREFIX.bin`` / ``PREFIX.idx``, read with megatron-core's ``IndexedDataset`` (memory-mapped).
+
+    Its tokens are one contiguous array in the ``.bin``, so a window may cross documents as in a zarr store. The
+    format records no tokenizer: it is ``PREFIX.tokenizer/`` when ``tools/prepare_data.py --format megatron`` wrote
+    one, else ``data.tokenizer``.
+    """
+
+    MAX_ID_SAMPLE = 1 << 24
+    """Tokens read (in 16 evenly spaced blocks) to check that the ids fit the tokenizer's vocabulary."""
+
+    def __init__(self, prefix: str, field: str, run_tokenizer: TextTokenizer | None, tokenizer_field: str):
+        self.path = Path(prefix)
+        for suffix in (".bin", ".idx"):
+            if not Path(prefix + suffix).is_file():
+                other = ".idx" if suffix == ".bin" else ".bin"
+                raise DataError(f"{field}={prefix}: {prefix}{other} has no {prefix}{suffix} beside it; a Megatron "
+                                f"corpus is the pair PREFIX.bin and PREFIX.idx (give the prefix)")
+        from pretrain.megatron_data import megatron
+
+        try:
+            self.dataset = megatron("datasets.indexed_dataset").IndexedDataset(prefix, mmap=True)
+        except Exception as e:  # megatron-core asserts on a malformed index
+            raise DataError(f"{field}={prefix}: not a Megatron indexed dataset ({type(e).__name__}: {e})") from None
+        index = self.dataset.index
+        lengths = np.asarray(index.sequence_lengths, dtype=np.int64)
+        sequence_offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self.doc_offsets = sequence_offsets[np.asarray(index.document_indices, dtype=np.int64)]
+        self.num_tokens = int(sequence_offsets[-1])
+        self._dtype = index.dtype
+        self._itemsize = np.dtype(index.dtype).itemsize
+        self._base = int(index.sequence_pointers[0]) if len(lengths) else 0
+        size = Path(prefix + ".bin").stat().st_size
+        if self._base + self.num_tokens * self._itemsize != size or (
+                len(lengths) and int(index.sequence_pointers[-1]) != self._base + int(sequence_offsets[-2]) * self._itemsize):
+            raise DataError(f"{field}={prefix}: {prefix}.bin ({size} bytes) does not hold the {self.num_tokens} "
+                            f"contiguous tokens its .idx describes")
+        sidecar = Path(prefix + MEGATRON_TOKENIZER)
+        self.own_tokenizer = sidecar.exists()
+        if self.own_tokenizer:
+            try:
+                tok = read_tokenizer(sidecar)
+            except TokenizerError as e:
+                raise DataError(f"{field}={prefix}: its tokenizer {e}") from None
+        elif run_tokenizer is None:
+            raise DataError(f"{field}={prefix}: a Megatron corpus records no tokenizer (and there is no {sidecar}); "
+                            f"set data.tokenizer to the tokenizer it was made with (a .model/.json file or a "
+                            f"directory holding one)")
+        else:
+            tok = run_tokenizer
+        self._use_tokenizer(tok)
+        top = self.max_token_id()
+        if top >= self.vocab_size:
+            which = sidecar if self.own_tokenizer else f"{tokenizer_field}={run_tokenizer.origin}"
+            raise DataError(f"{field}={prefix}: token id {top} does not fit the {self.vocab_size}-token vocabulary of "
+                            f"{which}; the corpus was made with another tokenizer")
+
+    def max_token_id(self) -> int:
+        """The largest token id in (a sample of at most ``MAX_ID_SAMPLE`` tokens of) the corpus."""
+        if self.num_tokens == 0:
+            return -1
+        block = max(1, min(self.num_tokens, self.MAX_ID_SAMPLE) // 16)
+        starts = np.unique(np.linspace(0, self.num_tokens - block, 16).astype(np.int64))
+        return max(int(self.window(int(s), block).max()) for s in starts)
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        raw = self.dataset.bin_reader.read(dtype=self._dtype, count=length, offset=self._base + start * self._itemsize)
+        return np.asarray(raw, dtype=np.int64)
+
+
+def open_store(path: str, field: str, run_tokenizer: TextTokenizer | None = None,
+               tokenizer_field: str = "data.tokenizer") -> _Store:
+    """A zarr token store, or the Megatron corpus whose prefix (or ``.bin``/``.idx`` file) ``path`` names."""
+    prefix = path[:-4] if path.endswith((".bin", ".idx")) else path
+    if Path(prefix + ".bin").exists() or Path(prefix + ".idx").exists():
+        return MegatronStore(prefix, field, run_tokenizer, tokenizer_field)
+    return TokenStore(path, field)
 
 
 class WindowSplit:
@@ -141,16 +238,43 @@ class Blend:
 
 
 class Corpus:
-    """The train and validation streams of a ``DataConfig``."""
+    """The train and validation streams of a ``DataConfig``.
 
-    def __init__(self, cfg: DataConfig):
-        self.stores = [TokenStore(p, f"data.paths[{i}]") for i, p in enumerate(cfg.paths)]
-        first = self.stores[0]
-        for i, s in enumerate(self.stores[1:], start=1):
-            if s.tokenizer_digest != first.tokenizer_digest:
-                raise DataError(f"data.paths[{i}]={s.path} uses a different tokenizer than data.paths[0]="
-                                f"{first.path}; blended stores must share one tokenizer")
+    ``samples`` (train, validation) is what the run will draw: the Megatron sampler builds its index for exactly
+    that many, as Megatron-LM does; the native sampler needs no such bound.
+    """
+
+    def __init__(self, cfg: DataConfig, samples: tuple[int, int] | None = None):
+        run_tok = None
+        if cfg.tokenizer:
+            try:
+                run_tok = read_tokenizer(cfg.tokenizer)
+            except TokenizerError as e:
+                raise DataError(f"data.tokenizer={cfg.tokenizer}: {e}") from None
+        self.stores = [open_store(p, f"data.paths[{i}]", run_tok) for i, p in enumerate(cfg.paths)]
+        owners = [i for i, s in enumerate(self.stores) if s.own_tokenizer]
+        if run_tok is None:  # every store records its tokenizer (a Megatron corpus without one needs data.tokenizer)
+            first = self.stores[owners[0]]
+            ref_digest, ref_name = first.tokenizer_digest, f"data.paths[{owners[0]}]={first.path}"
+            run_tok = TextTokenizer(first.tokenizer_kind, first.tokenizer_model, first.special_tokens.get("eos_token"),
+                                    first.special_tokens.get("bos_token"), str(first.path))
+        else:
+            ref_digest, ref_name = hashlib.sha256(run_tok.blob).hexdigest()[:16], f"data.tokenizer={cfg.tokenizer}"
+        for i in owners:
+            s = self.stores[i]
+            if s.tokenizer_digest != ref_digest:
+                raise DataError(f"data.paths[{i}]={s.path} uses a different tokenizer than {ref_name}; blended "
+                                "stores must share one tokenizer")
+        self.vocab_size, self.eos_id = run_tok.vocab_size, run_tok.eos_id
+        self.tokenizer_model, self.tokenizer_kind = run_tok.blob, run_tok.kind
+        self.special_tokens = run_tok.special_tokens()
         weights = cfg.weights or [1.0] * len(self.stores)
+        if cfg.sampler == "megatron":
+            from pretrain.megatron_data import megatron_streams
+
+            self.train, self.val = megatron_streams(cfg, self.stores, weights, samples, self.eos_id,
+                                                    self.vocab_size)
+            return
         train, val = [], []
         for i, s in enumerate(self.stores):
             cut = s.split_point(cfg.val_fraction)
@@ -158,9 +282,6 @@ class Corpus:
             train.append(WindowSplit(s, 0, cut, cfg.seq_len, cfg.seed + 7919 * i, True, field))
             val.append(WindowSplit(s, cut, s.num_tokens, cfg.seq_len, cfg.seed, False, field + " (validation)"))
         self.train, self.val = Blend(train, weights), Blend(val, weights)
-        self.vocab_size = first.vocab_size
-        self.tokenizer_model = first.tokenizer_model
-        self.tokenizer_kind, self.special_tokens = first.tokenizer_kind, first.special_tokens
 
     def describe(self) -> str:
         parts = [f"{s.path} ({s.num_tokens:,} tokens, {len(s.doc_offsets) - 1:,} docs)" for s in self.stores]

@@ -27,7 +27,7 @@ class TextTokenizer:
                  origin: str = "tokenizer"):
         if kind not in FILES:
             raise TokenizerError(f"{origin}: tokenizer kind {kind!r}; allowed: {', '.join(FILES)}")
-        self.kind, self.blob, self.file_name = kind, blob, FILES[kind]
+        self.kind, self.blob, self.file_name, self.origin = kind, blob, FILES[kind], origin
         if kind == "sentencepiece":
             import sentencepiece as spm
 

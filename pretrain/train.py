@@ -100,12 +100,13 @@ class Trainer:
         init_distributed(self.device)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.out = Path(cfg.train.out_dir)
-        self.corpus = Corpus(cfg.data)
+        t = cfg.train
+        self.corpus = Corpus(cfg.data, samples=(t.steps * t.global_batch, t.eval_batches * t.micro_batch))
         if cfg.model.vocab_size is None:
             cfg.model.vocab_size = self.corpus.vocab_size
         elif cfg.model.vocab_size < self.corpus.vocab_size:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer vocabulary "
-                              f"{self.corpus.vocab_size} of data.paths[0]; set it >= {self.corpus.vocab_size} or null")
+                              f"{self.corpus.vocab_size} of the data's tokenizer; set it >= {self.corpus.vocab_size} or null")
         par = cfg.parallel
         self.dims = ParallelDims(par.dp, par.tp, par.pp, par.virtual_stages)
         try:
