@@ -51,7 +51,7 @@ FORMATS = ("zarr", "megatron")
 CHUNK = 1 << 20
 """Tokens per zarr chunk of a written store."""
 SETTINGS = ("input", "dataset", "dataset_config", "split", "text_field", "tokenizer", "vocab_size", "max_docs",
-            "seed", "tokenizer_sentences", "shuffle_buffer", "chunk_mb", "format")
+            "seed", "tokenizer_sentences", "tokenizer_threads", "shuffle_buffer", "chunk_mb", "format")
 """The flags that decide a store's contents: a resumed run must match them (``--num-proc`` does not count)."""
 
 
@@ -361,6 +361,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="document shuffle and tokenizer sample seed")
     ap.add_argument("--tokenizer-sentences", type=int, default=500_000,
                     help="lines sampled (seeded) to train a new tokenizer")
+    ap.add_argument("--tokenizer-threads", type=int, default=1,
+                    help="sentencepiece training threads (part of the settings: its result depends on them)")
     ap.add_argument("--shuffle-buffer", type=int, default=10_000, help="documents in the shuffle buffer")
     ap.add_argument("--chunk-mb", type=float, default=8.0, help="text per tokenizing chunk, in MiB (the unit of "
                     "resumption and of the memory in flight)")
@@ -371,6 +373,7 @@ def parse_args(argv=None):
 
 def _check_args(args) -> None:
     positive = {"--num-proc": args.num_proc, "--tokenizer-sentences": args.tokenizer_sentences,
+                "--tokenizer-threads": args.tokenizer_threads,
                 "--shuffle-buffer": args.shuffle_buffer, "--chunk-mb": args.chunk_mb}
     for flag, value in positive.items():
         if value <= 0:
@@ -421,7 +424,11 @@ def _tokenizer(args, partial: Path, source) -> TextTokenizer:
         raise PrepareError(f"{_source_name(args)}: no text to train a tokenizer on (only {len(sample)} non-blank "
                            "lines)")
     print(f"training a {args.vocab_size}-piece BPE tokenizer on {len(sample):,} sampled lines")
-    tok = TextTokenizer("sentencepiece", train_tokenizer(sample, args.vocab_size, args.num_proc))
+    try:
+        tok = TextTokenizer("sentencepiece", train_tokenizer(sample, args.vocab_size, args.tokenizer_threads))
+    except RuntimeError as e:  # sentencepiece: e.g. fewer pieces than the sample's distinct characters
+        raise PrepareError(f"--vocab-size {args.vocab_size}: sentencepiece cannot train it on this input "
+                           f"({str(e).split('] ')[-1]})") from None
     save_tokenizer(trained.with_suffix(".tmp"), tok)
     os.replace(trained.with_suffix(".tmp"), trained)
     return tok
@@ -447,14 +454,19 @@ def prepare(args) -> tuple[dict, TextTokenizer]:
     if next(iter_texts(ds, _source_name(args)), None) is None:
         raise PrepareError(f"{_source_name(args)}: no non-empty documents")
     partial = _partial(out, args)
-    tok = _tokenizer(args, partial, source)
-    dtype = token_dtype(tok.vocab_size, args.format)
-    ds, total = source()
-    tokenize_all(iter_texts(ds, _source_name(args)), partial / "chunks", tok, dtype, args, total)
-    num_docs, _ = _chunk_totals(partial / "chunks")
-    if num_docs < 2:
-        raise PrepareError(f"{_source_name(args)}: only {num_docs} non-empty documents; need at least 2 (train and "
-                           "validation)")
+    try:
+        tok = _tokenizer(args, partial, source)
+        dtype = token_dtype(tok.vocab_size, args.format)
+        ds, total = source()
+        tokenize_all(iter_texts(ds, _source_name(args)), partial / "chunks", tok, dtype, args, total)
+        num_docs, _ = _chunk_totals(partial / "chunks")
+        if num_docs < 2:
+            raise PrepareError(f"{_source_name(args)}: only {num_docs} non-empty documents; need at least 2 (train "
+                               "and validation)")
+    except PrepareError:
+        if not (partial / "tokenizer").exists() and not any((partial / "chunks").glob("*.npz")):
+            shutil.rmtree(partial)  # nothing worth resuming
+        raise
     staged = partial / "out"
     if staged.exists():
         shutil.rmtree(staged)
