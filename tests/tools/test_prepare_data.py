@@ -3,7 +3,6 @@ never clobbering a store."""
 
 import json
 
-import numpy as np
 import pytest
 
 import tools.prepare_data as prepare_data
