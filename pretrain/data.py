@@ -119,8 +119,9 @@ class MegatronStore(_Store):
         self._itemsize = np.dtype(index.dtype).itemsize
         self._base = int(index.sequence_pointers[0]) if len(lengths) else 0
         size = Path(prefix + ".bin").stat().st_size
+        last = self._base + int(sequence_offsets[-2]) * self._itemsize if len(lengths) else 0
         if self._base + self.num_tokens * self._itemsize != size or (
-                len(lengths) and int(index.sequence_pointers[-1]) != self._base + int(sequence_offsets[-2]) * self._itemsize):
+                len(lengths) and int(index.sequence_pointers[-1]) != last):
             raise DataError(f"{field}={prefix}: {prefix}.bin ({size} bytes) does not hold the {self.num_tokens} "
                             f"contiguous tokens its .idx describes")
         sidecar = Path(prefix + MEGATRON_TOKENIZER)

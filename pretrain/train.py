@@ -106,7 +106,7 @@ class Trainer:
             cfg.model.vocab_size = self.corpus.vocab_size
         elif cfg.model.vocab_size < self.corpus.vocab_size:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer vocabulary "
-                              f"{self.corpus.vocab_size} of the data's tokenizer; set it >= {self.corpus.vocab_size} or null")
+                              f"{self.corpus.vocab_size} of the data; set it >= {self.corpus.vocab_size} or null")
         par = cfg.parallel
         self.dims = ParallelDims(par.dp, par.tp, par.pp, par.virtual_stages)
         try:
