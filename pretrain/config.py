@@ -159,6 +159,8 @@ class TrainConfig:
     the schedule still targets ``steps`` and ``--resume auto`` continues."""
     seed: int = 0
     """Seed of the model initialisation."""
+    prefetch: bool = True
+    """Draw the next step's batch in a background thread while this step runs (the samples are the same)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; auto picks CUDA when present."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"

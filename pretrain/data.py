@@ -8,6 +8,8 @@ index, so a run resumes exactly from the number of samples it has consumed.
 
 import base64
 import hashlib
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -287,3 +289,36 @@ class Corpus:
     def describe(self) -> str:
         parts = [f"{s.path} ({s.num_tokens:,} tokens, {len(s.doc_offsets) - 1:,} docs)" for s in self.stores]
         return "; ".join(parts)
+
+
+class Prefetcher:
+    """A stream's batches drawn one step ahead in a background thread, so reading overlaps the step.
+
+    ``batch(start, count, next_start)`` returns samples ``[start, start + count)`` (prefetched when the previous
+    call announced them) and starts drawing ``[next_start, next_start + count)``. The samples are those of
+    ``stream.batch`` whatever the timing, so prefetching changes no result. ``load_s`` is the time the last batch
+    took to draw, ``wait_s`` the time the caller waited for it.
+    """
+
+    def __init__(self, stream, enabled: bool = True):
+        self.stream = stream
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if enabled else None
+        self._ahead = None
+        self.load_s = self.wait_s = 0.0
+
+    def _draw(self, start: int, count: int):
+        began = time.perf_counter()
+        out = self.stream.batch(start, count)
+        return out, time.perf_counter() - began
+
+    def batch(self, start: int, count: int, next_start: int | None = None):
+        began = time.perf_counter()
+        if self._ahead is not None and self._ahead[0] == (start, count):
+            out, self.load_s = self._ahead[1].result()
+        else:
+            out, self.load_s = self._draw(start, count)
+        self.wait_s = time.perf_counter() - began
+        self._ahead = None
+        if self._pool is not None and next_start is not None:
+            self._ahead = ((next_start, count), self._pool.submit(self._draw, next_start, count))
+        return out

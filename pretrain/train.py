@@ -40,7 +40,7 @@ from pretrain.checkpoint import (
     step_dirs,
 )
 from pretrain.config import Config, ConfigError, UserError, dump_config, load_config, to_dict
-from pretrain.data import Corpus
+from pretrain.data import Corpus, Prefetcher
 from pretrain.metrics import Metrics, peak_tflops
 from pretrain.optim import build_optimizer
 from pretrain.schedules import lr_at
@@ -102,6 +102,7 @@ class Trainer:
         self.out = Path(cfg.train.out_dir)
         t = cfg.train
         self.corpus = Corpus(cfg.data, samples=(t.steps * t.global_batch, t.eval_batches * t.micro_batch))
+        self.loader = Prefetcher(self.corpus.train, t.prefetch)
         if cfg.model.vocab_size is None:
             cfg.model.vocab_size = self.corpus.vocab_size
         elif cfg.model.vocab_size < self.corpus.vocab_size:
@@ -279,7 +280,8 @@ class Trainer:
             self.sparse_update.update(self.sparsity.update(self.step))
             self._free_guides(self.sparsity.guides_done(self.step))
         start = self.progress.consumed_samples + self.model.dp_rank * self.local_batch
-        x, y = self.corpus.train.batch(start, self.local_batch)
+        ahead = start + self.cfg.train.global_batch if self.progress.step + 1 < self.cfg.train.steps else None
+        x, y = self.loader.batch(start, self.local_batch, ahead)
         local = self.model.forward_backward(x, y, self.autocast)
         for layer in self.model.structured_layers().values():  # once per step, after the last micro-batch
             layer.regularize_grad()
@@ -352,7 +354,10 @@ class Trainer:
                 tok_s = tokens_per_step / elapsed
                 tflops = flops["train"] * tok_s / 1e12
                 last = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                        "perf/tokens_per_s": tok_s, "perf/tflops": tflops}
+                        "perf/tokens_per_s": tok_s, "perf/tflops": tflops,
+                        # how much faster this rank's loader draws a batch than the step consumes it (want > 10)
+                        "perf/loader_ratio": elapsed / max(self.loader.load_s, 1e-9),
+                        "perf/data_wait_s": self.loader.wait_s}
                 if peak:
                     last["perf/mfu"] = tflops / (peak * world)
                 if self.sparsity is not None:

@@ -71,3 +71,15 @@ def test_data_errors_name_the_path(tiny_store, tmp_path):
         Corpus(DataConfig(paths=[str(tiny_store), str(other)]))
     with pytest.raises(DataError, match=r"cannot fill one window of data.seq_len=1000000"):
         Corpus(DataConfig(paths=[str(tiny_store)], seq_len=1_000_000))
+
+
+def test_prefetching_draws_the_same_samples(tiny_store):
+    from pretrain.data import Prefetcher
+
+    corpus = Corpus(DataConfig(paths=[str(tiny_store)], seq_len=32))
+    ahead, plain = Prefetcher(corpus.train), Prefetcher(Corpus(DataConfig(paths=[str(tiny_store)], seq_len=32)).train,
+                                                         enabled=False)
+    for start in (0, 8, 16, 40):  # 40: not the announced 24, drawn directly
+        a = ahead.batch(start, 8, start + 8)
+        b = plain.batch(start, 8, start + 8)
+        assert all((x == y).all() for x, y in zip(a, b)) and ahead.load_s > 0
