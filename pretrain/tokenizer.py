@@ -56,9 +56,12 @@ class TextTokenizer:
         self.eos_id = vocab[self.eos_token]
         self.bos_id = vocab[self.bos_token] if self.bos_token in vocab else -1
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
+    def encode(self, texts: list[str], threads: int | None = None) -> list[list[int]]:
+        """Token ids of each text; ``threads=1`` encodes on the calling thread only (default: the library's pool)."""
         if self.kind == "sentencepiece":
-            return self._sp.encode(texts)
+            return self._sp.encode(texts, num_threads=threads or -1)
+        if threads == 1:
+            return [self._tok.encode(t, add_special_tokens=False).ids for t in texts]
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def special_tokens(self) -> dict[str, str]:

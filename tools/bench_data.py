@@ -7,7 +7,8 @@ Usage:
 
 **Preparation.** A synthetic corpus of ``k`` copies of the standard library's ``.py`` files (links, so it costs no
 disk) is prepared by ``tools/prepare_data.py`` in a subprocess at each scale ``k`` and ``--num-proc``. Peak memory
-is the largest total resident memory of the process tree (the tool and its workers, sampled every 50 ms); tokens/s
+is the largest total proportional set size of the process tree (the tool and its workers, shared pages counted
+once, sampled every 50 ms); tokens/s
 is end to end (reading, the tokenizer's sample and training, tokenizing, writing). The table gives each run's
 memory against the smallest scale's (flat if memory is bounded) and its throughput against one process at the same
 scale.
@@ -32,41 +33,39 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tree_rss(root_pid: int) -> int:
-    """Resident bytes of ``root_pid`` and all its descendants (Linux ``/proc``)."""
-    parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
-    page = os.sysconf("SC_PAGE_SIZE")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            parents[int(entry)] = int(fields[1])
-            rss[int(entry)] = int(fields[21]) * page
-        except (OSError, IndexError, ValueError):
-            continue
-    total, stack = 0, [root_pid]
+def tree_pss(root_pid: int) -> int:
+    """Proportional set size, in bytes, of ``root_pid`` and all its descendants (Linux ``/proc``): resident memory
+    with the pages that forked workers share with their parent counted once, not once per process."""
     children: dict[int, list[int]] = {}
-    for pid, ppid in parents.items():
-        children.setdefault(ppid, []).append(pid)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    total, stack = 0, [root_pid]
     while stack:
         pid = stack.pop()
-        total += rss.get(pid, 0)
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            pass
         stack += children.get(pid, [])
     return total
 
 
 def run_measured(cmd: list[str]) -> tuple[float, int, str]:
-    """Run ``cmd``; its wall seconds, peak tree resident bytes, and output."""
+    """Run ``cmd``; its wall seconds, peak tree memory (PSS bytes), and output."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     peak = [0]
 
     def watch():
         while proc.poll() is None:
-            peak[0] = max(peak[0], tree_rss(proc.pid))
+            peak[0] = max(peak[0], tree_pss(proc.pid))
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch, daemon=True)

@@ -33,6 +33,7 @@ import random
 import shutil
 import sys
 import sysconfig
+import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -87,6 +88,12 @@ def _text_column(ds, field: str, where: str):
     return ds.select_columns([field]).rename_column(field, "text") if field != "text" else ds.select_columns(["text"])
 
 
+def read_text_files(paths: list[str]):
+    """One document per text file (undecodable bytes replaced)."""
+    for path in paths:
+        yield {"text": Path(path).read_text(encoding="utf-8", errors="replace")}
+
+
 def open_documents(args):
     """The documents as one ``datasets.IterableDataset`` with a ``text`` column, shuffled by ``--seed``, and the
     number of documents when it is known without reading them (for the progress bar's ETA)."""
@@ -107,9 +114,8 @@ def open_documents(args):
         files = _expand(args.input) if args.input else stdlib_files()
         parts = []
         text_files = [str(f) for f in files if f.suffix not in TABLE_BUILDERS]
-        if text_files:
-            parts.append(datasets.load_dataset("text", data_files=text_files, sample_by="document", split="train",
-                                               streaming=True, encoding_errors="replace"))
+        if text_files:  # one shard per file, as the "text" builder makes them, without its per-file pattern lookups
+            parts.append(datasets.IterableDataset.from_generator(read_text_files, gen_kwargs={"paths": text_files}))
         for suffix, builder in TABLE_BUILDERS.items():
             chosen = [str(f) for f in files if f.suffix == suffix]
             if chosen:
@@ -195,7 +201,7 @@ def tokenize_chunk(k: int, texts: list[str]) -> tuple[int, int]:
     """Tokenize one chunk of documents (EOS after each) and save it atomically as ``chunks/K.npz``: returns
     ``(documents, tokens)``."""
     tok, dtype = _WORKER["tok"], _WORKER["dtype"]
-    ids = tok.encode(texts)
+    ids = tok.encode(texts, threads=1)  # the processes are the parallelism
     lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
     tokens = np.empty(int(lengths.sum()), dtype=dtype)
     pos = 0
@@ -363,7 +369,8 @@ def parse_args(argv=None):
                     help="lines sampled (seeded) to train a new tokenizer")
     ap.add_argument("--tokenizer-threads", type=int, default=1,
                     help="sentencepiece training threads (part of the settings: its result depends on them)")
-    ap.add_argument("--shuffle-buffer", type=int, default=10_000, help="documents in the shuffle buffer")
+    ap.add_argument("--shuffle-buffer", type=int, default=1000, help="documents in the shuffle buffer (files and "
+                    "dataset shards are shuffled too)")
     ap.add_argument("--chunk-mb", type=float, default=8.0, help="text per tokenizing chunk, in MiB (the unit of "
                     "resumption and of the memory in flight)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing store at --out, and start over "
@@ -407,7 +414,7 @@ def _partial(out: Path, args) -> Path:
     return partial
 
 
-def _tokenizer(args, partial: Path, source) -> TextTokenizer:
+def _tokenizer(args, partial: Path, ds) -> TextTokenizer:
     """``--tokenizer``, or the one an interrupted run trained, or a new one trained on a seeded sample."""
     if args.tokenizer:
         try:
@@ -417,7 +424,6 @@ def _tokenizer(args, partial: Path, source) -> TextTokenizer:
     trained = partial / "tokenizer"
     if trained.exists():
         return read_tokenizer(trained)
-    ds, _ = source()
     sample = sample_lines(tqdm(iter_texts(ds, "the input"), unit="doc", desc="tokenizer sample"),
                           args.tokenizer_sentences, args.seed)
     if len(sample) < 2:
@@ -447,18 +453,17 @@ def prepare(args) -> tuple[dict, TextTokenizer]:
         raise PrepareError(f"--out {existing[0]} already exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    def source():
-        return open_documents(args)
-
-    ds, _ = source()  # inputs and the text column checked before any work
-    if next(iter_texts(ds, _source_name(args)), None) is None:
+    ds, total = open_documents(args)  # one stream, read once per pass
+    if next(iter_texts(ds, _source_name(args)), None) is None:  # inputs and the text column checked before any work
         raise PrepareError(f"{_source_name(args)}: no non-empty documents")
     partial = _partial(out, args)
+    clock = [("start", time.perf_counter())]
     try:
-        tok = _tokenizer(args, partial, source)
+        tok = _tokenizer(args, partial, ds)
+        clock.append(("tokenizer", time.perf_counter()))
         dtype = token_dtype(tok.vocab_size, args.format)
-        ds, total = source()
         tokenize_all(iter_texts(ds, _source_name(args)), partial / "chunks", tok, dtype, args, total)
+        clock.append(("tokenize", time.perf_counter()))
         num_docs, _ = _chunk_totals(partial / "chunks")
         if num_docs < 2:
             raise PrepareError(f"{_source_name(args)}: only {num_docs} non-empty documents; need at least 2 (train "
@@ -476,6 +481,8 @@ def prepare(args) -> tuple[dict, TextTokenizer]:
         attrs = write_zarr(staged / name, partial / "chunks", tok, dtype, _source_name(args), args.seed)
     else:
         attrs = write_megatron(staged / name, partial / "chunks", tok, dtype)
+    clock.append(("write", time.perf_counter()))
+    print("seconds: " + ", ".join(f"{name} {t - clock[i][1]:.1f}" for i, (name, t) in enumerate(clock[1:])))
     for path in existing:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     for path in outputs(out, args.format):

@@ -95,3 +95,21 @@ def test_bench_kernels_prints_product_and_block_sparsity_ratios(capsys, monkeypa
     assert {b[7].strip() for b in blocks if b[3].strip() == "0.25"} == {"kept blocks"}
     assert {b[7].strip() for b in blocks if b[3].strip() == "0.5"} == {"masked dense"}
     assert bench_kernels.main(["--block-sizes", "0,x"]) == 2
+
+
+@pytest.mark.slow
+def test_bench_data_prints_memory_and_speed_ratios_and_the_loader_ratio(tmp_path, capsys):
+    from tools import bench_data
+
+    args = ["--scales", "1,2", "--num-procs", "1", "--base-files", "30", "--vocab-size", "512",
+            "--trainer-config", str(ROOT / "configs/tiny-cpu.yaml"), "--seq-len", "64", "--micro-batch", "1",
+            "--loader-batches", "3", "--plot", str(tmp_path / "data.png")]
+    assert bench_data.main(args) == 0
+    out = capsys.readouterr().out
+    rows = _rows(out)
+    assert {"1x", "2x"} <= set(rows), out
+    assert rows["1x"][5] == "1.00" and rows["1x"][6] == "1.00"  # memory and speed against themselves
+    assert 0.5 < float(rows["2x"][5]) < 2  # memory does not double with the corpus
+    assert (tmp_path / "data.png").stat().st_size > 0
+    loader = [line for line in out.splitlines() if line.startswith("| ") and line.count("|") == 4][-1]
+    assert float(loader.split("|")[3].replace(",", "")) > 1  # the loader outruns the trainer
