@@ -8,10 +8,9 @@ Usage:
 **Preparation.** A synthetic corpus of ``k`` copies of the standard library's ``.py`` files (links, so it costs no
 disk) is prepared by ``tools/prepare_data.py`` in a subprocess at each scale ``k`` and ``--num-proc``. Peak memory
 is the largest total proportional set size of the process tree (the tool and its workers, shared pages counted
-once, sampled every 50 ms); tokens/s
-is end to end (reading, the tokenizer's sample and training, tokenizing, writing). The table gives each run's
-memory against the smallest scale's (flat if memory is bounded) and its throughput against one process at the same
-scale.
+once, sampled every 50 ms); tokens/s is end to end (reading, the tokenizer's sample and training, tokenizing,
+writing). The table gives each run's memory against the smallest scale's (flat if memory is bounded) and its
+throughput against one process at the same scale.
 
 **Loader.** On the largest store prepared (a zarr store; stores above 1 GiB are read from disk per window, the
 pretraining case), the training loader's samples/s at ``--seq-len`` is timed against the trainer's consumption:

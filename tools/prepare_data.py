@@ -482,7 +482,7 @@ def prepare(args) -> tuple[dict, TextTokenizer]:
     else:
         attrs = write_megatron(staged / name, partial / "chunks", tok, dtype)
     clock.append(("write", time.perf_counter()))
-    print("seconds: " + ", ".join(f"{name} {t - clock[i][1]:.1f}" for i, (name, t) in enumerate(clock[1:])))
+    print("seconds: " + ", ".join(f"{phase} {t - clock[i][1]:.1f}" for i, (phase, t) in enumerate(clock[1:])))
     for path in existing:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     for path in outputs(out, args.format):
