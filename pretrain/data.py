@@ -17,11 +17,9 @@ import torch
 import zarr
 
 from pretrain.config import DataConfig, UserError
+from pretrain.formats import FORMAT, MEGATRON_TOKENIZER
 from pretrain.tokenizer import TextTokenizer, TokenizerError, read_tokenizer
 
-FORMAT = "structorch-tokens-v1"
-MEGATRON_TOKENIZER = ".tokenizer"
-"""``PREFIX.tokenizer/`` beside a Megatron corpus ``PREFIX.bin/.idx``: its tokenizer, when prepare_data wrote it."""
 IN_MEMORY_BYTES = 1 << 30
 """Stores up to this size are read into memory once; larger ones are sliced from zarr per window."""
 

@@ -28,6 +28,7 @@ never replaced without ``--overwrite``.
 import argparse
 import base64
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -43,7 +44,7 @@ import sentencepiece as spm
 import zarr
 from tqdm import tqdm
 
-from pretrain.data import FORMAT, MEGATRON_TOKENIZER
+from pretrain.formats import FORMAT, MEGATRON_TOKENIZER
 from pretrain.tokenizer import TextTokenizer, TokenizerError, read_tokenizer
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text"}
@@ -234,7 +235,10 @@ def tokenize_all(texts, chunk_dir: Path, tok: TextTokenizer, dtype, args, total_
     """Tokenize every chunk not yet saved in ``chunk_dir``, at most ``2 x --num-proc`` chunks in flight."""
     init = (tok.kind, tok.blob, tok.eos_token, tok.bos_token, dtype, str(chunk_dir))
     bar = tqdm(total=total_docs, unit="doc", desc="tokenize", smoothing=0.05)
-    pool = ProcessPoolExecutor(args.num_proc, initializer=_init_worker, initargs=init) if args.num_proc > 1 else None
+    pool = None
+    if args.num_proc > 1:  # fresh interpreters: a forked worker would copy the parent's heap as it touches it
+        pool = ProcessPoolExecutor(args.num_proc, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=init)
     if pool is None:
         _init_worker(*init)
     pending: deque = deque()
@@ -430,8 +434,11 @@ def _tokenizer(args, partial: Path, ds) -> TextTokenizer:
         raise PrepareError(f"{_source_name(args)}: no text to train a tokenizer on (only {len(sample)} non-blank "
                            "lines)")
     print(f"training a {args.vocab_size}-piece BPE tokenizer on {len(sample):,} sampled lines")
-    try:
-        tok = TextTokenizer("sentencepiece", train_tokenizer(sample, args.vocab_size, args.tokenizer_threads))
+    try:  # in a fresh process: the trainer's peak memory is not kept by this one while it tokenizes
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as trainer:
+            model = trainer.submit(train_tokenizer, sample, args.vocab_size, args.tokenizer_threads).result()
+        del sample
+        tok = TextTokenizer("sentencepiece", model)
     except RuntimeError as e:  # sentencepiece: e.g. fewer pieces than the sample's distinct characters
         raise PrepareError(f"--vocab-size {args.vocab_size}: sentencepiece cannot train it on this input "
                            f"({str(e).split('] ')[-1]})") from None
