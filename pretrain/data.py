@@ -7,7 +7,6 @@ index, so a run resumes exactly from the number of samples it has consumed.
 """
 
 import base64
-import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +17,7 @@ import zarr
 
 from pretrain.config import DataConfig, UserError
 from pretrain.formats import FORMAT, MEGATRON_TOKENIZER
-from pretrain.tokenizer import TextTokenizer, TokenizerError, read_tokenizer
+from pretrain.tokenizer import TextTokenizer, TokenizerError, read_tokenizer, tokenizer_digest
 
 IN_MEMORY_BYTES = 1 << 30
 """Stores up to this size are read into memory once; larger ones are sliced from zarr per window."""
@@ -38,7 +37,7 @@ class _Store:
 
     @property
     def tokenizer_digest(self) -> str:
-        return hashlib.sha256(self.tokenizer_model).hexdigest()[:16]
+        return tokenizer_digest(self.tokenizer_model)
 
     def split_point(self, val_fraction: float) -> int:
         """First document boundary at or after ``(1 - val_fraction)`` of the tokens (the val/train cut)."""
@@ -260,7 +259,7 @@ class Corpus:
             run_tok = TextTokenizer(first.tokenizer_kind, first.tokenizer_model, first.special_tokens.get("eos_token"),
                                     first.special_tokens.get("bos_token"), str(first.path))
         else:
-            ref_digest, ref_name = hashlib.sha256(run_tok.blob).hexdigest()[:16], f"data.tokenizer={cfg.tokenizer}"
+            ref_digest, ref_name = tokenizer_digest(run_tok.blob), f"data.tokenizer={cfg.tokenizer}"
         for i in owners:
             s = self.stores[i]
             if s.tokenizer_digest != ref_digest:

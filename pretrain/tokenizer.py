@@ -8,12 +8,18 @@
 ``tokenizer.json``).
 """
 
+import hashlib
 import json
 from pathlib import Path
 
 FILES = {"sentencepiece": "tokenizer.model", "tokenizers": "tokenizer.json"}
 EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>")
+
+
+def tokenizer_digest(blob: bytes) -> str:
+    """A short fingerprint of a tokenizer file's contents: equal digests, same tokenizer."""
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 class TokenizerError(ValueError):

@@ -180,10 +180,12 @@ def train_tokenizer(sample: list[str], vocab_size: int, num_threads: int) -> byt
 
 
 def token_dtype(vocab_size: int, fmt: str):
-    """uint16 while the ids fit, else uint32 (zarr) or int32 (Megatron, as its ``DType.optimal_dtype``)."""
-    if vocab_size <= np.iinfo(np.uint16).max + 1 - (35 if fmt == "megatron" else 0):
-        return np.uint16
-    return np.int32 if fmt == "megatron" else np.uint32
+    """uint16 while the ids fit, else uint32 (zarr); Megatron's own choice, ``DType.optimal_dtype``, for megatron."""
+    if fmt == "megatron":
+        from pretrain.megatron_data import megatron
+
+        return megatron("datasets.indexed_dataset").DType.optimal_dtype(vocab_size)
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
 
 
 # -- the tokenizing workers -------------------------------------------------------------------------------------
@@ -280,9 +282,11 @@ def _chunk_totals(chunk_dir: Path) -> tuple[int, int]:
 
 # -- the two output formats -------------------------------------------------------------------------------------
 
-def write_zarr(out: Path, chunk_dir: Path, tok: TextTokenizer, dtype, source: str, seed: int) -> dict:
-    """Join the saved chunks into the zarr token store ``out`` (which must not exist); returns its attributes."""
-    num_docs, total = _chunk_totals(chunk_dir)
+def write_zarr(out: Path, chunk_dir: Path, totals: tuple[int, int], tok: TextTokenizer, dtype, source: str,
+               seed: int) -> dict:
+    """Join the saved chunks (``totals``: their documents and tokens) into the zarr token store ``out`` (which must
+    not exist); returns its attributes."""
+    num_docs, total = totals
     group = zarr.open_group(str(out), mode="w-")
     tokens = group.create_array("tokens", shape=(total,), dtype=dtype, chunks=(CHUNK,))
     offsets = group.create_array("doc_offsets", shape=(num_docs + 1,), dtype=np.int64,
@@ -324,12 +328,13 @@ def save_tokenizer(directory: Path, tok: TextTokenizer) -> None:
         (directory / "tokenizer_config.json").write_text(json.dumps(tok.special_tokens()))
 
 
-def write_megatron(prefix: Path, chunk_dir: Path, tok: TextTokenizer, dtype) -> dict:
-    """Join the saved chunks into a Megatron corpus ``prefix.bin`` / ``prefix.idx`` with megatron-core's own
-    ``IndexedDatasetBuilder`` (one document per source document), and its tokenizer in ``prefix.tokenizer/``."""
+def write_megatron(prefix: Path, chunk_dir: Path, totals: tuple[int, int], tok: TextTokenizer, dtype) -> dict:
+    """Join the saved chunks (``totals``: their documents and tokens) into a Megatron corpus ``prefix.bin`` /
+    ``prefix.idx`` with megatron-core's own ``IndexedDatasetBuilder`` (one document per source document), and its
+    tokenizer in ``prefix.tokenizer/``."""
     from pretrain.megatron_data import megatron
 
-    num_docs, total = _chunk_totals(chunk_dir)
+    num_docs, total = totals
     builder = megatron("datasets.indexed_dataset").IndexedDatasetBuilder(str(prefix) + ".bin", dtype=dtype)
     with tqdm(total=total, unit="tok", unit_scale=True, desc="write megatron") as bar:
         for ids, lengths in saved_chunks(chunk_dir):
@@ -472,9 +477,9 @@ def prepare(args) -> tuple[dict, TextTokenizer]:
         dtype = token_dtype(tok.vocab_size, args.format)
         tokenize_all(iter_texts(ds, _source_name(args)), partial / "chunks", tok, dtype, args, total)
         clock.append(("tokenize", time.perf_counter()))
-        num_docs, _ = _chunk_totals(partial / "chunks")
-        if num_docs < 2:
-            raise PrepareError(f"{_source_name(args)}: only {num_docs} non-empty documents; need at least 2 (train "
+        totals = _chunk_totals(partial / "chunks")
+        if totals[0] < 2:
+            raise PrepareError(f"{_source_name(args)}: only {totals[0]} non-empty documents; need at least 2 (train "
                                "and validation)")
     except PrepareError:
         if not (partial / "tokenizer").exists() and not any((partial / "chunks").glob("*.npz")):
@@ -486,9 +491,9 @@ def prepare(args) -> tuple[dict, TextTokenizer]:
     staged.mkdir()
     name = out.name
     if args.format == "zarr":
-        attrs = write_zarr(staged / name, partial / "chunks", tok, dtype, _source_name(args), args.seed)
+        attrs = write_zarr(staged / name, partial / "chunks", totals, tok, dtype, _source_name(args), args.seed)
     else:
-        attrs = write_megatron(staged / name, partial / "chunks", tok, dtype)
+        attrs = write_megatron(staged / name, partial / "chunks", totals, tok, dtype)
     clock.append(("write", time.perf_counter()))
     print("seconds: " + ", ".join(f"{phase} {t - clock[i][1]:.1f}" for i, (phase, t) in enumerate(clock[1:])))
     for path in existing:
