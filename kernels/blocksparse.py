@@ -138,7 +138,10 @@ def _compressed(major: torch.Tensor, minor: torch.Tensor, n: int) -> tuple[torch
     return ptr, minor[order].to(torch.int32).contiguous()
 
 
-def _bsr_mm(x2, w, s_wo, s_wi, ptr, idx, n_out, bs):
+@torch.library.custom_op("structorch::bsr_mm", mutates_args=())
+def _bsr_mm(x2: torch.Tensor, w: torch.Tensor, s_wo: int, s_wi: int, ptr: torch.Tensor, idx: torch.Tensor,
+            n_out: int, bs: int) -> torch.Tensor:
+    """The kept blocks' product in one kernel (a custom op: ``torch.compile`` keeps it whole in its graph)."""
     t = x2.shape[0]
     y = torch.empty(t, n_out * bs, dtype=x2.dtype, device=x2.device)
     bt, bn = _tiles(bs)
@@ -146,6 +149,30 @@ def _bsr_mm(x2, w, s_wo, s_wi, ptr, idx, n_out, bs):
     _bsr_mm_kernel[grid](x2, w, y, ptr, idx, t, x2.stride(0), y.stride(0), s_wo, s_wi, BS=bs, BLOCK_T=bt,
                          BLOCK_N=bn, BLOCK_K=bn, UPCAST=_interpret())
     return y
+
+
+@_bsr_mm.register_fake
+def _(x2, w, s_wo, s_wi, ptr, idx, n_out, bs):
+    return x2.new_empty(x2.shape[0], n_out * bs)
+
+
+@torch.library.custom_op("structorch::bsr_dw", mutates_args=())
+def _bsr_dw(x2: torch.Tensor, dy: torch.Tensor, w: torch.Tensor, r_idx: torch.Tensor, c_idx: torch.Tensor,
+            bs: int) -> torch.Tensor:
+    """The gradient of the kept blocks of ``w`` (zero elsewhere) in one kernel."""
+    dw = torch.zeros_like(w)
+    if r_idx.numel():
+        bt, bn = _tiles(bs)
+        launch = (r_idx.numel(), triton.cdiv(bs, bn), triton.cdiv(bs, bn))
+        _bsr_dw_kernel[launch](x2, dy, dw, r_idx.to(torch.int32).contiguous(), c_idx.to(torch.int32).contiguous(),
+                               x2.shape[0], x2.stride(0), dy.stride(0), dw.stride(0), BS=bs, BLOCK_M=bn,
+                               BLOCK_N=bn, BLOCK_T=bt, UPCAST=_interpret())  # bf16 in tl.dot: see triton_bmm
+    return dw
+
+
+@_bsr_dw.register_fake
+def _(x2, dy, w, r_idx, c_idx, bs):
+    return torch.empty_like(w)
 
 
 def _triton_forward(x2, w, grid, r_idx, c_idx, bs):
@@ -159,13 +186,7 @@ def _triton_backward(x2, w, grid, r_idx, c_idx, bs, dy, need_x, need_w):
         ptr, idx = _compressed(c_idx, r_idx, grid[1])
         dx = _bsr_mm(dy, w, w.stride(1), w.stride(0), ptr, idx, grid[1], bs)
     if need_w:
-        dw = torch.zeros_like(w)
-        if r_idx.numel():
-            bt, bn = _tiles(bs)
-            launch = (r_idx.numel(), triton.cdiv(bs, bn), triton.cdiv(bs, bn))
-            _bsr_dw_kernel[launch](x2, dy, dw, r_idx.to(torch.int32).contiguous(), c_idx.to(torch.int32).contiguous(),
-                                 x2.shape[0], x2.stride(0), dy.stride(0), dw.stride(0), BS=bs, BLOCK_M=bn,
-                                 BLOCK_N=bn, BLOCK_T=bt, UPCAST=_interpret())  # bf16 in tl.dot: see triton_bmm
+        dw = _bsr_dw(x2, dy, w, r_idx, c_idx, bs)
     return dx, dw
 
 

@@ -38,7 +38,9 @@ if triton is not None:
         tl.store(out_ptr + offs, (rank < N).to(tl.int8), mask=ok)
 
 
+@torch.library.custom_op("structorch::nm_mask", mutates_args=())
 def nm_mask_triton(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The N:M mask in one kernel (a custom op: ``torch.compile`` keeps it whole in its graph)."""
     rows, cols = w.shape
     w = w.detach().contiguous()
     out = torch.empty(rows, cols, dtype=torch.int8, device=w.device)
@@ -48,6 +50,11 @@ def nm_mask_triton(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
     _nm_mask_kernel[(rows, triton.cdiv(groups, block_g))](w, out, groups, w.stride(0), N=n, M=m, MP=mp,
                                                           BLOCK_G=block_g)
     return out.bool()
+
+
+@nm_mask_triton.register_fake
+def _(w, n, m):
+    return w.new_empty(w.shape, dtype=torch.bool)
 
 
 def nm_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -7,8 +7,9 @@ batched over the rank, a tensor-parallel shard's slice -- are strides, so no ope
 a permuted or padded layout. Rows, columns and the reduction need not divide the tile sizes (masked
 loads). Accumulation is fp32; inputs are fp32 or bf16, the output takes the inputs' dtype.
 
-``StridedBmm`` is the autograd Function: its backward is two more launches of the same kernel with
-transposed strides (``dA = dC B^T``, ``dB = A^T dC``), written straight into the gradients' own layouts.
+``structorch::strided_bmm`` is the product as a torch custom op (``torch.compile`` keeps it whole in its graph)
+with its autograd: the backward is two more launches of the same kernel with transposed strides
+(``dA = dC B^T``, ``dB = A^T dC``), written straight into the gradients' own layouts.
 
 Tile configurations for Ampere and Hopper live in ``TILE_CONFIGS`` (autotuned per shape on CUDA); the
 interpreter (``TRITON_INTERPRET=1``, how the CPU tests run the kernel) uses one small tile.
@@ -95,12 +96,12 @@ if triton is not None:
 
 
 def launch(a: torch.Tensor, av: View, b: torch.Tensor, bv: View, c: torch.Tensor, cv: View,
-           mask: torch.Tensor | None = None, mv: View | None = None) -> torch.Tensor:
+           mask: torch.Tensor | None = None) -> torch.Tensor:
     """``c[cv] = a[av] @ (b[bv] * mask[mv])`` (one launch; ``c`` is overwritten where ``cv`` addresses it)."""
     if not (av.batch == bv.batch == cv.batch and av.rows == cv.rows and bv.cols == cv.cols and av.cols == bv.rows):
         raise ValueError(f"strided bmm shapes do not chain: A {av}, B {bv}, C {cv}")
     m, n, k = av.rows, bv.cols, av.cols
-    mv = mv or bv
+    mv = bv  # a mask is addressed like B
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), av.batch)  # noqa: E731
     _bmm_kernel[grid](a, b, c, mask if mask is not None else b, m, n, k,
                       av.s_batch, av.s_row, av.s_col, bv.s_batch, bv.s_row, bv.s_col,
@@ -109,35 +110,42 @@ def launch(a: torch.Tensor, av: View, b: torch.Tensor, bv: View, c: torch.Tensor
     return c
 
 
-class StridedBmm(torch.autograd.Function):
-    """``C = A @ B`` over strided views of ``a`` and ``b``, into a new tensor of ``c_shape`` (``cv``).
+@torch.library.custom_op("structorch::strided_bmm", mutates_args=())
+def _strided_bmm(a: torch.Tensor, b: torch.Tensor, av: list[int], bv: list[int], c_shape: list[int],
+                 cv: list[int], mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``C = A @ B`` (``B * mask`` with a mask addressed like ``b``) over strided views, into a new tensor of
+    ``c_shape`` written through ``cv``: a custom op, so ``torch.compile`` keeps it whole in its graph."""
+    c = torch.empty(c_shape, dtype=a.dtype, device=a.device)
+    return launch(a, View(*av), b, View(*bv), c, View(*cv), mask)
 
-    With ``mask`` (a bool/uint8 tensor addressed like ``b``) the forward uses ``B * mask``; the gradient of
-    ``a`` sees the masked B too, while that of ``b`` is the dense ``A^T dC`` (a straight-through estimator;
-    callers add any decay term themselves).
-    """
 
-    @staticmethod
-    def forward(ctx, a, b, av, bv, c_shape, cv, mask=None):
-        c = torch.empty(c_shape, dtype=a.dtype, device=a.device)
-        launch(a, av, b, bv, c, cv, mask)
-        ctx.save_for_backward(a, b, mask)
-        ctx.views = (av, bv, cv)
-        return c
+@_strided_bmm.register_fake
+def _(a, b, av, bv, c_shape, cv, mask=None):
+    return a.new_empty(c_shape)
 
-    @staticmethod
-    def backward(ctx, dc):
-        a, b, mask = ctx.saved_tensors
-        av, bv, cv = ctx.views
-        dc = dc.contiguous()  # cv describes the contiguous layout the forward wrote
-        da = db = None
-        if ctx.needs_input_grad[0]:
-            da = torch.empty_like(a)
-            launch(dc, cv, b, bv.t, da, av, mask, bv.t if mask is not None else None)
-        if ctx.needs_input_grad[1]:
-            db = torch.empty_like(b)
-            launch(a, av.t, dc, cv, db, bv)
-        return da, db, None, None, None, None, None
+
+def _setup_context(ctx, inputs, output):
+    a, b, av, bv, c_shape, cv, mask = inputs
+    ctx.save_for_backward(a, b, mask)
+    ctx.views = (View(*av), View(*bv), View(*cv))
+
+
+def _backward(ctx, dc):
+    """``dA = dC (B * mask)^T`` and ``dB = A^T dC``: two more launches with transposed strides, written straight
+    into the gradients' own layouts. With a mask, the gradient of ``b`` is the dense one (a straight-through
+    estimator; callers add any decay term themselves)."""
+    a, b, mask = ctx.saved_tensors
+    av, bv, cv = ctx.views
+    dc = dc.contiguous()  # cv describes the contiguous layout the forward wrote
+    da = db = None
+    if ctx.needs_input_grad[0]:
+        da = _strided_bmm(dc, b, list(cv), list(bv.t), list(a.shape), list(av), mask)
+    if ctx.needs_input_grad[1]:
+        db = _strided_bmm(a, dc, list(av.t), list(cv), list(b.shape), list(bv))
+    return da, db, None, None, None, None, None
+
+
+_strided_bmm.register_autograd(_backward, setup_context=_setup_context)
 
 
 def strided_bmm(a: torch.Tensor, av: View, b: torch.Tensor, bv: View, c_shape, cv: View,
@@ -145,4 +153,4 @@ def strided_bmm(a: torch.Tensor, av: View, b: torch.Tensor, bv: View, c_shape, c
     """Differentiable ``A @ B`` on contiguous ``a`` and ``b`` addressed by ``av`` and ``bv``."""
     if not (a.is_contiguous() and b.is_contiguous()):
         raise ValueError("strided_bmm takes contiguous tensors (views describe their layout)")
-    return StridedBmm.apply(a, b, av, bv, tuple(c_shape), cv, mask)
+    return _strided_bmm(a, b, list(av), list(bv), list(c_shape), list(cv), mask)

@@ -7,6 +7,7 @@ sizes, so a tensor-parallel shard of q/k/v runs the same code.
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,11 +57,15 @@ class Attention(nn.Module):
         self.o = _build(cfg, "o")
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        bsz, seq, _ = x.shape
-        hd = self.head_dim
-        q = self.q(x).view(bsz, seq, -1, hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k(x).view(bsz, seq, -1, hd).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v(x).view(bsz, seq, -1, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        bsz, hd = x.shape[0], self.head_dim
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        seq = q.shape[1]  # the whole sequence, also when x holds a sequence-parallel shard of it
+        if seq > cos.shape[0]:
+            raise ValueError(f"sequence length {seq} exceeds model.max_seq_len={cos.shape[0]}")
+        q = q.view(bsz, seq, -1, hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(bsz, seq, -1, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(bsz, seq, -1, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        cos, sin = cos[:seq], sin[:seq]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
         y = y.transpose(1, 2).reshape(bsz, seq, -1)  # (B, T, nh*hd)
@@ -85,6 +90,9 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
+        self.runner: Callable | None = None
+        """How ``forward`` runs ``body``: ``runner(body, x, cos, sin)``; ``parallel/blocks.py`` sets it for activation
+        checkpointing. None: directly."""
 
     def projections(self):
         """``(slot name, parent module, layer)`` of every structured projection, in ``SLOTS`` order."""
@@ -93,6 +101,11 @@ class Block(nn.Module):
             yield name, parent, getattr(parent, name)
 
     def forward(self, x, cos, sin):
+        if self.runner is None:
+            return self.body(x, cos, sin)
+        return self.runner(self.body, x, cos, sin)
+
+    def body(self, x, cos, sin):
         x = x + self.attn(self.attn_norm(x), cos, sin)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -150,13 +163,11 @@ class GPT(nn.Module):
 
         ``tokens`` is ``[B, T]`` token ids, or hidden states ``[B, T, d]`` when this module has no embedding.
         """
+        if tokens.dim() == 2 and tokens.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # [B, T, d]
-        seq = h.shape[1]
-        if seq > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {seq} exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         for block in self.layers.values():
-            h = block(h, cos, sin)
+            h = block(h, self.rope_cos, self.rope_sin)  # attention takes the first T rows of the tables
         if self.norm is not None:
             h = self.norm(h)
         if self.output is None:

@@ -45,11 +45,48 @@ def _all_to_all(t: torch.Tensor, comm: "GroupComm") -> torch.Tensor:
     return out
 
 
+def _gather_seq(t: torch.Tensor, comm: "GroupComm") -> torch.Tensor:
+    """``[B, T/p, ...]`` -> ``[B, T, ...]``: the sequence shards of the group, in rank order."""
+    size = comm.size
+    flat = torch.empty(size * t.numel(), dtype=t.dtype, device=t.device)
+    comm.count(flat, "all_gather")
+    dist.all_gather_into_tensor(flat, t.contiguous().view(-1), group=comm.group)
+    parts = flat.view(size, *t.shape).movedim(0, 1)  # [B, p, T/p, ...]
+    return parts.reshape(t.shape[0], size * t.shape[1], *t.shape[2:])
+
+
+def _reduce_scatter_seq(t: torch.Tensor, comm: "GroupComm") -> torch.Tensor:
+    """``[B, T, ...]`` partial sums -> this rank's ``[B, T/p, ...]`` shard of their sum."""
+    size = comm.size
+    chunks = t.reshape(t.shape[0], size, t.shape[1] // size, *t.shape[2:]).movedim(1, 0).contiguous()
+    out = torch.empty(chunks.shape[1:], dtype=t.dtype, device=t.device)
+    comm.count(chunks, "reduce_scatter")
+    dist.reduce_scatter_tensor(out.view(-1), chunks.view(-1), group=comm.group)
+    return out
+
+
+def _features_to_seq(t: torch.Tensor, comm: "GroupComm") -> torch.Tensor:
+    """``[B, T/p, F]`` (a sequence shard) -> ``[B, T, F/p]`` (this rank's feature slice): one all-to-all."""
+    size = comm.size
+    chunks = t.reshape(*t.shape[:2], size, t.shape[2] // size).movedim(2, 0)  # [p (dest), B, T/p, F/p]
+    got = _all_to_all(chunks, comm)  # [p (source: sequence shard), B, T/p, F/p]
+    return got.movedim(0, 1).reshape(t.shape[0], size * t.shape[1], t.shape[2] // size)
+
+
+def _seq_to_features(t: torch.Tensor, comm: "GroupComm") -> torch.Tensor:
+    """``[B, T, F/p]`` -> ``[B, T/p, F]``: the inverse exchange of ``_features_to_seq``."""
+    size = comm.size
+    chunks = t.reshape(t.shape[0], size, t.shape[1] // size, t.shape[2]).movedim(1, 0)  # [p (dest), B, T/p, F/p]
+    got = _all_to_all(chunks, comm)  # [p (source: feature slice), B, T/p, F/p]
+    return got.movedim(0, 2).reshape(t.shape[0], t.shape[1] // size, size * t.shape[2])
+
+
 def ring_bytes(nbytes: int, size: int, kind: str) -> int:
     """Bytes one rank sends for a collective over ``size`` ranks whose full result is ``nbytes``:
-    all-reduce ``2 (p-1)/p N`` (reduce-scatter + all-gather), all-gather ``(p-1)/p N``; for an all-to-all
-    ``nbytes`` is the rank's own buffer, of which it sends ``(p-1)/p``."""
-    factor = {"all_reduce": 2, "all_gather": 1, "all_to_all": 1}[kind]
+    all-reduce ``2 (p-1)/p N`` (reduce-scatter + all-gather), all-gather ``(p-1)/p N``, reduce-scatter of an
+    ``N``-byte input ``(p-1)/p N``; for an all-to-all ``nbytes`` is the rank's own buffer, of which it sends
+    ``(p-1)/p``."""
+    factor = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1, "all_to_all": 1}[kind]
     return factor * nbytes * (size - 1) // size
 
 
@@ -138,3 +175,30 @@ class GroupComm:
             self.count(t, "all_reduce")
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return t
+
+
+class SequenceParallelComm(GroupComm):
+    """Megatron's sequence-parallel operators, behind the same interface: the tensors a tensor-parallel region
+    takes and returns are split along the sequence (dim 1 of ``[B, T, ...]``) over the group.
+
+    A region's entry gathers the sequence instead of copying (``copy``: all-gather forward, reduce-scatter
+    backward; ``scatter``: one all-to-all from sequence shards to feature slices) and its exit scatters it
+    instead of all-reducing (``reduce``: reduce-scatter forward, all-gather backward; ``gather``: the inverse
+    all-to-all). An all-gather plus a reduce-scatter move what one all-reduce moves, so the traffic is
+    unchanged while the norms and the residual stream hold ``1/tp`` of the sequence. Every structure's shard
+    keeps its own communication points; a replicated parameter applied outside the region (before a column
+    shard's entry, after a row shard's exit) now sees only this rank's tokens, so its gradient is a partial
+    sum (``parallel/tensor.py`` all-reduces it).
+    """
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        return self._apply(t, _gather_seq, _reduce_scatter_seq)
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return self._apply(t, _reduce_scatter_seq, _gather_seq)
+
+    def scatter(self, t: torch.Tensor) -> torch.Tensor:
+        return self._apply(t, _features_to_seq, _seq_to_features)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        return self._apply(t, _seq_to_features, _features_to_seq)

@@ -54,9 +54,11 @@ class Pipeline:
     """This rank's stages and the schedule that trains them."""
 
     def __init__(self, stages: dict[int, GPT], num_stages: int, pp_rank: int, pp: int, group: ProcessGroup,
-                 schedule: str, n_microbatches: int, device: torch.device):
+                 schedule: str, n_microbatches: int, device: torch.device, seq_shards: int = 1):
         self.stages, self.num_stages, self.pp_rank, self.pp, self.group = stages, num_stages, pp_rank, pp, group
         self.device = device
+        self.seq_shards = seq_shards
+        """Sequence parallelism splits the hidden states sent between stages along the sequence this many ways."""
         # Every rank passes the loss function: the schedule runs backward only where it has one.
         loss_fn = next(iter(stages.values())).loss_fn
         pipeline_stages = [PipelineStage(m, idx, num_stages, device, group=group) for idx, m in stages.items()]
@@ -70,7 +72,7 @@ class Pipeline:
         """Bytes this rank sends per step: activations forward from each owned non-last stage and their
         gradients backward from each owned non-first stage (fp32 ``[batch, T, d]`` in micro-batches)."""
         cfg = next(iter(self.stages.values())).cfg
-        per_stage = batch * seq_len * cfg.d_model * 4
+        per_stage = batch * (seq_len // self.seq_shards) * cfg.d_model * 4
         sends = sum((s != self.num_stages - 1) + (s != 0) for s in self.stages)
         return sends * per_stage
 
@@ -94,7 +96,7 @@ class Pipeline:
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """Forward only, stage by stage with point-to-point sends; the loss on the last stage, else None."""
         h: torch.Tensor | None = None
-        shape = (*x.shape, next(iter(self.stages.values())).cfg.d_model)
+        shape = (x.shape[0], x.shape[1] // self.seq_shards, next(iter(self.stages.values())).cfg.d_model)
         loss = None
         for s in range(self.num_stages):
             if s not in self.stages:

@@ -13,11 +13,12 @@ import torch.distributed as dist
 from model.config import SLOTS
 from model.gpt import GPT
 from model.structured import StructuredLinear
-from parallel.comm import CommStats, GroupComm
+from parallel.blocks import apply_activation_checkpointing, compile_blocks
+from parallel.comm import CommStats, GroupComm, SequenceParallelComm
 from parallel.data import clip_global_norm, reduce_to_owners
 from parallel.mesh import ParallelDims
 from parallel.pipeline import Pipeline, split_stage, stage_ids
-from parallel.tensor import apply_tp
+from parallel.tensor import apply_tp, partial_grads
 
 
 class ParallelModel:
@@ -28,7 +29,8 @@ class ParallelModel:
     """
 
     def __init__(self, model: GPT, dims: ParallelDims, device: torch.device, micro_batch: int = 1,
-                 local_batch: int = 1, schedule: str = "1f1b"):
+                 local_batch: int = 1, schedule: str = "1f1b", activation_checkpointing: str = "none",
+                 compile: bool = False, sequence_parallel: bool = False):
         self.dims, self.device = dims, device
         self.micro_batch, self.local_batch = micro_batch, local_batch
         self.tp_group, self.dp_group, self.pp_group = dims.group("tp"), dims.group("dp"), dims.group("pp")
@@ -37,7 +39,9 @@ class ParallelModel:
         self.placements = {name: None for name, _ in model.named_parameters()}
         self.placements.update({name: None for name, _ in model.named_buffers()})
         self.partial: set[str] = set()
-        self.tp_comm = GroupComm(self.tp_group) if self.tp_group is not None else None
+        self.sequence_parallel = sequence_parallel and self.tp_group is not None
+        comm_class = SequenceParallelComm if self.sequence_parallel else GroupComm
+        self.tp_comm = comm_class(self.tp_group) if self.tp_group is not None else None
         self.comm_stats: CommStats | None = None
         """Bytes sent over dp, pp and tp, when a benchmark attached a ``CommStats`` (``record_comm``)."""
         if self.tp_comm is not None:
@@ -47,10 +51,15 @@ class ParallelModel:
             ids = stage_ids(self.pp_rank, dims.pp, dims.virtual_stages)
             self.stages = {s: split_stage(model, s, dims.num_stages).to(device) for s in ids}
             self.pipeline: Pipeline | None = Pipeline(self.stages, dims.num_stages, self.pp_rank, dims.pp,
-                                                      self.pp_group, schedule, local_batch // micro_batch, device)
+                                                      self.pp_group, schedule, local_batch // micro_batch, device,
+                                                      dims.tp if self.sequence_parallel else 1)
         else:
             self.stages = {0: model.to(device)}
             self.pipeline = None
+        for stage in self.stages.values():
+            apply_activation_checkpointing(stage, activation_checkpointing)
+            if compile:
+                compile_blocks(stage)
         self._params = dict(self.named_parameters())
 
     def record_comm(self, stats: CommStats) -> None:
@@ -94,7 +103,7 @@ class ParallelModel:
             shard = full.shard_all(self.tp_comm.rank, self.tp_comm.size, style, self.tp_comm)
             layer = shard.layer
             self.placements.update({f"{name}.{k}": v for k, v in shard.placements.items()})
-            self.partial.update(f"{name}.{k}" for k in shard.partial_grads)
+            self.partial.update(f"{name}.{k}" for k in partial_grads(shard, self.tp_comm))
         for key, _ in [*layer.named_parameters(), *layer.named_buffers()]:
             self.placements.setdefault(f"{name}.{key}", None)
         setattr(parent, slot, layer.to(self.device))

@@ -12,7 +12,8 @@ from torch import nn
 
 from model.config import SLOTS
 from model.gpt import GPT
-from parallel.comm import GroupComm
+from model.structured.base import LayerShard
+from parallel.comm import GroupComm, SequenceParallelComm
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -77,8 +78,20 @@ def vocab_parallel_cross_entropy(comm: GroupComm, start: int):
     return loss_fn
 
 
+def partial_grads(shard: LayerShard, comm: GroupComm) -> set[str]:
+    """Parameters of ``shard`` whose gradients are partial sums over the tensor-parallel group: the ones it
+    names, and under sequence parallelism every replicated parameter (applied outside the region, to this
+    rank's tokens only)."""
+    names = set(shard.partial_grads)
+    if isinstance(comm, SequenceParallelComm):
+        params = {n for n, _ in shard.layer.named_parameters()}
+        names |= {n for n, d in shard.placements.items() if d is None and n in params}
+    return names
+
+
 def apply_tp(model: GPT, comm: GroupComm) -> tuple[dict[str, int | None], set[str]]:
-    """Shard ``model`` in place for rank ``comm.rank`` of ``comm.size``.
+    """Shard ``model`` in place for rank ``comm.rank`` of ``comm.size`` (sequence-parallel when ``comm`` is a
+    ``SequenceParallelComm``).
 
     Returns the split dimension of every parameter and persistent buffer by name (None: replicated) and the
     names of replicated parameters whose gradients must be summed over the tensor-parallel group.
@@ -93,7 +106,7 @@ def apply_tp(model: GPT, comm: GroupComm) -> tuple[dict[str, int | None], set[st
             shard = layer.shard_all(rank, size, slot.style, comm)
             setattr(parent, name, shard.layer)
             placements.update({f"{prefix}.{k}": v for k, v in shard.placements.items()})
-            partial.update(f"{prefix}.{k}" for k in shard.partial_grads)
+            partial.update(f"{prefix}.{k}" for k in partial_grads(shard, comm))
     vocab = model.cfg.vocab_size
     start = rank * (vocab // size)
     if model.tok_embeddings is not None:
@@ -107,6 +120,8 @@ def apply_tp(model: GPT, comm: GroupComm) -> tuple[dict[str, int | None], set[st
             model.output = VocabParallelHead(model.output.weight.detach().chunk(size, 0)[rank].clone(), comm)
             placements["output.weight"] = 0
         model.loss_fn = vocab_parallel_cross_entropy(comm, start)
-    for name, _ in model.named_parameters():
+    for name, p in model.named_parameters():
         placements.setdefault(name, None)  # norms: replicated
+    if isinstance(comm, SequenceParallelComm):  # the norms run on this rank's tokens
+        partial.update(f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.RMSNorm))
     return placements, partial

@@ -161,6 +161,12 @@ class TrainConfig:
     """Seed of the model initialisation."""
     prefetch: bool = True
     """Draw the next step's batch in a background thread while this step runs (the samples are the same)."""
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Recompute activations in the backward, per block: ``full`` keeps only each block's input, ``selective``
+    keeps the outputs of the matrix products and attention and recomputes the norms, activations and
+    elementwise steps. Losses are exactly those of ``none``."""
+    compile: bool = False
+    """``torch.compile`` each block (inductor; the Triton kernels are custom ops inside its graphs)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; auto picks CUDA when present."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -183,6 +189,10 @@ class ParallelConfig:
     """torch.distributed.pipelining schedule; interleaved_1f1b and zero_bubble use ``virtual_stages``."""
     virtual_stages: int = 1
     """Stages per pipeline rank (interleaved schedules); n_layers must divide by pp * virtual_stages."""
+    sequence_parallel: bool = False
+    """Megatron's sequence parallelism: the norms and the residual stream between tensor-parallel regions are
+    split along the sequence over the tp group (all-gather / reduce-scatter at the borders instead of the
+    all-reduce); needs data.seq_len divisible by tp. No effect at tp = 1."""
 
 
 @dataclass

@@ -115,6 +115,9 @@ class Trainer:
             self.dims.build_mesh(self.device.type)
         except TopologyError as e:
             raise ConfigError(str(e)) from None
+        if par.sequence_parallel and cfg.data.seq_len % par.tp:
+            raise ConfigError(f"parallel.sequence_parallel=true splits data.seq_len={cfg.data.seq_len} over "
+                              f"parallel.tp={par.tp} ranks; set data.seq_len to a multiple of {par.tp}")
         t = cfg.train
         self.local_batch = t.global_batch // par.dp
         model = build_model(dense_first(cfg.model, cfg.sparsity.rules, t.steps, 0), self.device, t.seed)
@@ -123,7 +126,8 @@ class Trainer:
         self.flops = model.flops_per_token(cfg.data.seq_len)
         try:
             self.model = ParallelModel(model, self.dims, self.device, t.micro_batch, self.local_batch,
-                                       par.pp_schedule)
+                                       par.pp_schedule, t.activation_checkpointing, t.compile,
+                                       par.sequence_parallel)
         except StructureError as e:
             raise ConfigError(f"model.structure does not fit parallel.tp={par.tp}: {e}") from None
         self.optimizer = build_optimizer(cfg.optim, self.model.named_parameters(),

@@ -61,8 +61,9 @@ class MonarchLinear(StructuredLinear):
             first = tp_rank * lb
 
             def own_blocks(h):  # the full hidden vector -> the part feeding this rank's L blocks
+                h = comm.copy(h)  # (a sequence-parallel copy gathers the sequence: read the shape after it)
                 lead = h.shape[:-1]
-                return comm.copy(h).reshape(*lead, -1, nb)[..., first:first + lb].reshape(*lead, -1)
+                return h.reshape(*lead, -1, nb)[..., first:first + lb].reshape(*lead, -1)
 
             local = self._local(self.in_features, out_f, {"r": self.r, "l": l}, {"mid": own_blocks})
             return LayerShard(local, {"r": None, "l": 0})
