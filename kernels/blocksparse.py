@@ -217,9 +217,20 @@ product on CPU at any density (tools/bench_kernels.py measures both: at density 
 
 def use_kept_blocks(x: torch.Tensor, mask: torch.Tensor, bs: int) -> bool:
     """Whether the kept-blocks product is the faster way to apply ``mask`` here (see the two thresholds)."""
-    if use_triton(x, mask):
-        return mask.float().mean() <= KEPT_BLOCKS_MAX_DENSITY["triton"]
-    return bs >= REFERENCE_MIN_BLOCK and mask.float().mean() <= KEPT_BLOCKS_MAX_DENSITY["reference"]
+    return _kept_blocks_pay(use_triton(x, mask), mask, bs)
+
+
+def kept_blocks_pay(device: torch.device, mask: torch.Tensor, bs: int) -> bool:
+    """``use_kept_blocks`` for an activation on ``device`` (FLOP accounting, before any activation exists)."""
+    probe = torch.empty(0, device=device)
+    return _kept_blocks_pay(use_triton(probe), mask, bs)
+
+
+def _kept_blocks_pay(triton_path: bool, mask: torch.Tensor, bs: int) -> bool:
+    density = float(mask.float().mean())
+    if triton_path:
+        return density <= KEPT_BLOCKS_MAX_DENSITY["triton"]
+    return bs >= REFERENCE_MIN_BLOCK and density <= KEPT_BLOCKS_MAX_DENSITY["reference"]
 
 
 def blocksparse_linear(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, bs: int) -> torch.Tensor:

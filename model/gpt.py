@@ -7,7 +7,7 @@ sizes, so a tensor-parallel shard of q/k/v runs the same code.
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,7 @@ from torch import nn
 
 from model.config import SLOTS, ModelConfig
 from model.structured import StructuredLinear, StructureError, build_linear
+from model.structured.base import normal_rows
 
 
 def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,33 +130,49 @@ class GPT(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     # -- init -----------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def init_weights(self, seed: int) -> None:
-        """Initialise every weight from one seed, drawn on CPU over the full tensors in a fixed order.
-
-        Residual-output projections (``SLOTS``: o, down) are scaled by ``1/sqrt(2 n_layers)`` (GPT-2). Works after
-        ``to_empty`` from the meta device; also rebuilds the RoPE tables.
-        """
+    def init_order(self) -> list[tuple[str, float]]:
+        """The modules ``init_weights`` draws from the generator, in drawing order, with their std: the token
+        embedding, every projection block by block in ``SLOTS`` order, the output head when untied. Residual-output
+        projections (``SLOTS``: o, down) are scaled by ``1/sqrt(2 n_layers)`` (GPT-2). A sharded initialisation
+        (``parallel/init.py``) walks the same list, so each rank draws what a full init draws."""
         cfg = self.cfg
-        gen = torch.Generator().manual_seed(seed)
-        if cfg.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
+        resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        order = [("tok_embeddings", cfg.init_std)]
+        for i in range(cfg.n_layers):
+            order += [(f"layers.{i}.{slot.group}.{name}", resid_std if slot.residual else cfg.init_std)
+                      for name, slot in SLOTS.items()]
+        if not cfg.tie_embeddings:
+            order.append(("output", cfg.init_std))
+        return order
+
+    @torch.no_grad()
+    def init_fixed(self) -> None:
+        """What init draws nothing for: the RoPE tables, the norms (ones) and the tied head. Works on any part of the
+        model (a pipeline stage, a tensor-parallel shard)."""
+        if self.cfg.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
             self.output.weight = self.tok_embeddings.weight  # to_empty() from meta unties shared parameters
-        cos, sin = rope_tables(cfg)
+        cos, sin = rope_tables(self.cfg)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
-        if self.tok_embeddings is not None:
-            w = self.tok_embeddings.weight
-            w.copy_(torch.randn(w.shape, generator=gen).mul_(cfg.init_std))
-        resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        for block in self.layers.values():
-            for name, _, layer in block.projections():
-                layer.reset_parameters(resid_std if SLOTS[name].residual else cfg.init_std, gen)
         for mod in self.modules():
             if isinstance(mod, nn.RMSNorm):
                 mod.weight.fill_(1.0)
-        if self.output is not None and not cfg.tie_embeddings:
-            w = self.output.weight
-            w.copy_(torch.randn(w.shape, generator=gen).mul_(cfg.init_std))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Initialise every weight from one seed, drawn on CPU over the full tensors in ``init_order``.
+
+        Works after ``to_empty`` from the meta device; also rebuilds the RoPE tables.
+        """
+        gen = torch.Generator().manual_seed(seed)
+        self.init_fixed()
+        for name, std in self.init_order():
+            unit = self.get_submodule(name)
+            if isinstance(unit, StructuredLinear):
+                unit.reset_parameters(std, gen)
+            else:  # embedding or head [V, d]
+                rows, cols = unit.weight.shape
+                unit.weight.copy_(normal_rows(rows, cols, std, gen, range(rows)))
 
     # -- forward --------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -182,31 +199,42 @@ class GPT(nn.Module):
         """Every structured projection by qualified name."""
         return {name: m for name, m in self.named_modules() if isinstance(m, StructuredLinear)}
 
-    def num_params(self, exclude_embedding: bool = False) -> int:
-        """Effective parameter count: structured layers count their own (non-zeros for sparse kinds)."""
-        structured = self.structured_layers().values()
-        inside = {id(p) for m in structured for p in m.parameters()}
-        total = sum(m.num_params() for m in structured)
+    def num_params(self, exclude_embedding: bool = False, counts: Mapping | None = None) -> int:
+        """Effective parameter count: structured layers count their own (non-zeros for sparse kinds).
+
+        ``counts`` (projection name -> an object with the layer's ``num_params``, ``flops`` and ``executed_flops``)
+        replaces the projections' own counts: a sharded initialisation keeps the full layers' counts, not the
+        layers (``parallel.init.LayerCount``)."""
+        structured = self.structured_layers()
+        inside = {id(p) for m in structured.values() for p in m.parameters()}
+        total = sum(m.num_params() for m in (counts or structured).values())
         total += sum(p.numel() for p in self.parameters() if id(p) not in inside)
         if exclude_embedding and self.tok_embeddings is not None:
             total -= self.tok_embeddings.weight.numel()
         return total
 
-    def flops_per_token(self, seq_len: int) -> dict[str, int]:
+    def flops_per_token(self, seq_len: int, counts: Mapping | None = None) -> dict[str, int]:
         """Exact forward FLOPs per token at sequence length ``seq_len``, and training (3x forward).
 
         Projections report their own counts; causal attention scores and the value mix cost
-        ``4 * d_attn * (T + 1) / 2`` per token and layer; the head ``2 d V``.
+        ``4 * d_attn * (T + 1) / 2`` per token and layer; the head ``2 d V``. ``executed`` and ``executed_train``
+        count what the products run here execute, zeros included (a sparse kind without a sparse kernel runs a
+        dense product): MFU on ``train`` credits the structure, on ``executed_train`` the hardware's work.
+        ``counts``: as in ``num_params``.
         """
         cfg = self.cfg
-        proj = sum(m.flops(1) for m in self.structured_layers().values())
+        layers = (counts or self.structured_layers()).values()
+        proj = sum(m.flops(1) for m in layers)
+        executed = sum(m.executed_flops(1) for m in layers)
         attn = 0
         for block in self.layers.values():
             d_attn = block.attn.q.out_features
             attn += 4 * d_attn * (seq_len + 1) // 2
         head = 2 * cfg.d_model * cfg.vocab_size if self.output is not None else 0
         forward = proj + attn + head
-        return {"projections": proj, "attention": attn, "head": head, "forward": forward, "train": 3 * forward}
+        executed += attn + head
+        return {"projections": proj, "attention": attn, "head": head, "forward": forward, "train": 3 * forward,
+                "executed": executed, "executed_train": 3 * executed}
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer groups by ``role``: ``matrix`` (projections), ``embedding`` (token embedding and output

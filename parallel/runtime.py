@@ -1,8 +1,9 @@
 """``ParallelModel``: the model as one rank runs it, on any (dp, tp, pp), with one interface.
 
-Applies tensor parallelism, then the pipeline split, then data parallelism to the plain, fully
-initialised GPT (TorchTitan's order). Every rank builds the same full model from one seed first, so every
-topology starts from the same weights.
+Applies tensor parallelism, then the pipeline split, then data parallelism to the plain GPT (TorchTitan's
+order). Given a ``ShardedInit``, the GPT is on ``meta`` and each rank allocates and fills only its own shards and
+stages, with the values a full init from the same seed gives them, so every topology starts from the same
+weights; without one, the GPT is already initialised and is sliced.
 """
 
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from model.structured import StructuredLinear
 from parallel.blocks import apply_activation_checkpointing, compile_blocks
 from parallel.comm import CommStats, GroupComm, SequenceParallelComm
 from parallel.data import clip_global_norm, reduce_to_owners
+from parallel.init import ShardedInit
 from parallel.mesh import ParallelDims
 from parallel.pipeline import Pipeline, split_stage, stage_ids
 from parallel.tensor import apply_tp, partial_grads
@@ -30,7 +32,7 @@ class ParallelModel:
 
     def __init__(self, model: GPT, dims: ParallelDims, device: torch.device, micro_batch: int = 1,
                  local_batch: int = 1, schedule: str = "1f1b", activation_checkpointing: str = "none",
-                 compile: bool = False, sequence_parallel: bool = False):
+                 compile: bool = False, sequence_parallel: bool = False, init: ShardedInit | None = None):
         self.dims, self.device = dims, device
         self.micro_batch, self.local_batch = micro_batch, local_batch
         self.tp_group, self.dp_group, self.pp_group = dims.group("tp"), dims.group("dp"), dims.group("pp")
@@ -47,14 +49,19 @@ class ParallelModel:
         if self.tp_comm is not None:
             placements, self.partial = apply_tp(model, self.tp_comm)
             self.placements.update(placements)
+        ids = stage_ids(self.pp_rank, dims.pp, dims.virtual_stages) if dims.pp > 1 else [0]
+        self.stages = {s: split_stage(model, s, dims.num_stages) if dims.pp > 1 else model for s in ids}
+        if init is not None:  # a meta model: allocate this rank's stages only and fill them shard by shard
+            for stage in self.stages.values():
+                stage.to_empty(device=device)
+            init(self.stages, self.tp_comm)
+        else:
+            self.stages = {s: stage.to(device) for s, stage in self.stages.items()}
         if dims.pp > 1:
-            ids = stage_ids(self.pp_rank, dims.pp, dims.virtual_stages)
-            self.stages = {s: split_stage(model, s, dims.num_stages).to(device) for s in ids}
             self.pipeline: Pipeline | None = Pipeline(self.stages, dims.num_stages, self.pp_rank, dims.pp,
                                                       self.pp_group, schedule, local_batch // micro_batch, device,
                                                       dims.tp if self.sequence_parallel else 1)
         else:
-            self.stages = {0: model.to(device)}
             self.pipeline = None
         for stage in self.stages.values():
             apply_activation_checkpointing(stage, activation_checkpointing)

@@ -120,7 +120,7 @@ def apply_tp(model: GPT, comm: GroupComm) -> tuple[dict[str, int | None], set[st
             model.output = VocabParallelHead(model.output.weight.detach().chunk(size, 0)[rank].clone(), comm)
             placements["output.weight"] = 0
         model.loss_fn = vocab_parallel_cross_entropy(comm, start)
-    for name, p in model.named_parameters():
+    for name, _ in model.named_parameters():
         placements.setdefault(name, None)  # norms: replicated
     if isinstance(comm, SequenceParallelComm):  # the norms run on this rank's tokens
         partial.update(f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.RMSNorm))

@@ -12,6 +12,7 @@ The run directory ``train.out_dir`` receives ``config.yaml`` (resolved), ``check
 
 import argparse
 import contextlib
+import copy
 import math
 import signal
 import sys
@@ -25,6 +26,7 @@ from model.config import ModelConfig
 from model.gpt import GPT
 from model.structured import StructureError, spec_params, structure_class
 from parallel.comm import CommStats
+from parallel.init import ShardedInit
 from parallel.mesh import ParallelDims, TopologyError, init_distributed
 from parallel.runtime import ParallelModel
 from pretrain.checkpoint import (
@@ -58,14 +60,19 @@ from pretrain.tokenizer import tokenizer_files
 
 def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> GPT:
     """Build on ``meta``, materialise on ``device``, initialise every weight from ``seed``."""
-    try:
-        with torch.device("meta"):
-            model = GPT(cfg)
-    except (StructureError, ValueError) as e:
-        raise ConfigError(str(e)) from None
+    model = build_meta(cfg)
     model.to_empty(device=device)
     model.init_weights(seed)
     return model
+
+
+def build_meta(cfg: ModelConfig) -> GPT:
+    """The model on ``meta`` (shapes only); a bad structure is a ``ConfigError``."""
+    try:
+        with torch.device("meta"):
+            return GPT(cfg)
+    except (StructureError, ValueError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -120,16 +127,19 @@ class Trainer:
                               f"parallel.tp={par.tp} ranks; set data.seq_len to a multiple of {par.tp}")
         t = cfg.train
         self.local_batch = t.global_batch // par.dp
-        model = build_model(dense_first(cfg.model, cfg.sparsity.rules, t.steps, 0), self.device, t.seed)
-        enable_pruning(model.structured_layers(), cfg.sparsity.rules)
-        self.full_params = model.num_params()
-        self.flops = model.flops_per_token(cfg.data.seq_len)
+        plain = build_meta(dense_first(cfg.model, cfg.sparsity.rules, t.steps, 0))
+        model = copy.deepcopy(plain)
+        rules = cfg.sparsity.rules
+        enable_pruning(model.structured_layers(), rules)  # on meta: bad rules stop here, before any work
+        init = ShardedInit(plain, t.seed, lambda name, layer: enable_pruning({name: layer}, rules))
         try:
             self.model = ParallelModel(model, self.dims, self.device, t.micro_batch, self.local_batch,
                                        par.pp_schedule, t.activation_checkpointing, t.compile,
-                                       par.sequence_parallel)
+                                       par.sequence_parallel, init)
         except StructureError as e:
             raise ConfigError(f"model.structure does not fit parallel.tp={par.tp}: {e}") from None
+        self.full_params = plain.num_params(counts=init.counts)
+        self.flops = plain.flops_per_token(cfg.data.seq_len, counts=init.counts)
         self.optimizer = build_optimizer(cfg.optim, self.model.named_parameters(),
                                          self.model.param_groups(cfg.optim.weight_decay), self.model.dp_group,
                                          self.model.tp_group, self.model.pp_group, self.model.placements)
@@ -212,16 +222,18 @@ class Trainer:
         layers = self.model.structured_layers()
         due = conversions_due(layers, self.cfg.sparsity.rules, self.cfg.model, self.cfg.train.steps, first, last)
         errors, old, new = {}, [], []
-        delta = torch.zeros(2, dtype=torch.float64)
+        delta = torch.zeros(3, dtype=torch.float64)
         for name in sorted(due):
             spec = due[name]
             before = layers[name]
             old += [f"{name}.{k}" for k, _ in before.named_parameters()]
-            delta -= torch.tensor([before.num_params(), before.flops(1)], dtype=torch.float64)
+            delta -= torch.tensor([before.num_params(), before.flops(1), before.executed_flops(1)],
+                                  dtype=torch.float64)
             full = self.model.restructure(name, lambda w, s=spec: structure_class(s.kind).from_dense(
                 w, **spec_params(s)))
             after = self.model.structured_layers()[name]
-            delta += torch.tensor([after.num_params(), after.flops(1)], dtype=torch.float64)
+            delta += torch.tensor([after.num_params(), after.flops(1), after.executed_flops(1)],
+                                  dtype=torch.float64)
             new += [(f"{name}.{k}", p) for k, p in after.named_parameters()]
             errors[f"sparsity/projection_error/{name}"] = full.projection_error
         self.optimizer.forget(old)
@@ -229,11 +241,12 @@ class Trainer:
         for g in (self.model.tp_group, self.model.pp_group):
             if g is not None:
                 dist.all_reduce(delta, group=g)
-        params, flops = delta.tolist()
+        params, flops, executed = delta.tolist()
         self.full_params += int(params)
         forward = self.flops["forward"] + int(flops)
+        executed = self.flops["executed"] + int(executed)
         self.flops = {**self.flops, "projections": self.flops["projections"] + int(flops), "forward": forward,
-                      "train": 3 * forward}
+                      "train": 3 * forward, "executed": executed, "executed_train": 3 * executed}
         self.sparsity.rebase(self.model.structured_layers(), params, flops)
         self._rebuild_state()
         merged = merge_pp(errors, self.model.pp_group)
@@ -326,7 +339,8 @@ class Trainer:
         peak = peak_tflops(self.device, cfg.log.peak_tflops) if main else None
         metrics = Metrics(self.out, t.steps, self.step, cfg.log.progress, cfg.log.tensorboard, enabled=main)
         world = dist.get_world_size() if dist.is_initialized() else 1
-        metrics.write(f"model: {params:,} parameters, {flops['forward']:,} forward FLOPs/token; "
+        metrics.write(f"model: {params:,} parameters, {flops['forward']:,} forward FLOPs/token "
+                      f"({flops['executed']:,} executed); "
                       f"data: {self.corpus.describe()}; {world} process(es) as dp={self.dims.dp} tp={self.dims.tp} "
                       f"pp={self.dims.pp} on {self.device}")
         if self.sparsity is not None:
@@ -356,14 +370,15 @@ class Trainer:
                     raise FloatingPointError(f"loss is {loss} at step {self.step}; lower optim.lr or raise "
                                              "optim.warmup_steps (no checkpoint written for this step)")
                 tok_s = tokens_per_step / elapsed
-                tflops = flops["train"] * tok_s / 1e12
+                tflops = self.flops["train"] * tok_s / 1e12
                 last = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                         "perf/tokens_per_s": tok_s, "perf/tflops": tflops,
                         # how much faster this rank's loader draws a batch than the step consumes it (want > 10)
                         "perf/loader_ratio": elapsed / max(self.loader.load_s, 1e-9),
                         "perf/data_wait_s": self.loader.wait_s}
-                if peak:
+                if peak:  # on the structure's FLOPs, and on what the products execute (zeros included)
                     last["perf/mfu"] = tflops / (peak * world)
+                    last["perf/mfu_executed"] = self.flops["executed_train"] * tok_s / 1e12 / (peak * world)
                 if self.sparsity is not None:
                     last.update({**self.sparsity.metrics(), **self.sparse_update})
                 if self.device.type == "cuda":

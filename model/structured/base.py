@@ -2,6 +2,7 @@
 
 import abc
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Protocol, runtime_checkable
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.blocksparse import blocksparse_linear, use_kept_blocks
+from kernels.blocksparse import blocksparse_linear, kept_blocks_pay, use_kept_blocks
 from kernels.nm import nm_mask
 from model.config import divisors
 
@@ -267,6 +268,12 @@ class StructuredLinear(nn.Module, abc.ABC):
         per row for every structure here (a subclass whose product costs otherwise overrides this)."""
         return 2 * tokens * self.num_params()
 
+    def executed_flops(self, tokens: int) -> int:
+        """Forward FLOPs the products this layer runs here actually execute, zeros included: ``flops`` for the
+        structures whose products touch only their parameters; a sparse kind applied as a dense masked product
+        (no sparse kernel applies) executes the dense ``2 tokens in out``. MFU is reported on both."""
+        return self.flops(tokens)
+
     # -- from_dense -------------------------------------------------------------------------------
     @classmethod
     def from_dense(cls, w: torch.Tensor, **params) -> "StructuredLinear":
@@ -365,6 +372,14 @@ class BlockMasked:
         """Weights the mask keeps."""
         return int(self.mask.sum()) * self.mask_block**2
 
+    def executed_flops(self, tokens: int) -> int:
+        """Forward FLOPs ``masked_linear`` executes: the kept blocks where it runs them alone (on the device the
+        weight is on), else the dense masked product."""
+        if self.mask is not None and self.mask_block > 1 and kept_blocks_pay(self.weight.device, self.mask,
+                                                                             self.mask_block):
+            return 2 * tokens * self.kept_params()
+        return 2 * tokens * self.weight.numel()
+
 
 def _mix_guide(layer: StructuredLinear, args: tuple, out: torch.Tensor) -> torch.Tensor:
     """Forward hook of a guided layer: ``a G x + (1 - a) S x`` when the guide runs, else ``S x``."""
@@ -413,3 +428,31 @@ def normal_(t: torch.Tensor, std: float, generator: torch.Generator | None) -> t
     with torch.no_grad():
         t.copy_(torch.randn(t.shape, generator=generator, dtype=torch.float32).mul_(std))
     return t
+
+
+NORMAL_CHUNK = 1 << 20
+"""Elements per draw of ``normal_rows`` (rounded to whole rows and to a multiple of 16)."""
+
+
+def normal_rows(rows: int, cols: int, std: float, generator: torch.Generator | None, keep: range) -> torch.Tensor:
+    """Rows ``keep`` of ``torch.randn(rows, cols, generator=generator) * std``, bit for bit, drawing the matrix in
+    chunks of about ``NORMAL_CHUNK`` elements and keeping only ``keep``: memory is one chunk plus the kept rows,
+    and the generator ends where the full draw leaves it.
+
+    torch's CPU normal fill draws one uniform per element in order and transforms them 16 at a time (a tail that
+    is not a multiple of 16 redraws the last 16), so consecutive draws of multiples of 16 elements, the last
+    at least 16 long, give the same values as one draw of the whole (tested)."""
+    step = 16 // math.gcd(cols, 16)  # rows per chunk must make a multiple of 16 elements
+    per = max(step, NORMAL_CHUNK // max(cols, 1) // step * step)
+    out = torch.empty(len(keep), cols)
+    row = 0
+    while row < rows:
+        n = min(per, rows - row)
+        if 0 < (rows - row - n) * cols < 16:  # never leave a tail shorter than 16 elements for the last draw
+            n = rows - row
+        block = torch.randn(n, cols, generator=generator, dtype=torch.float32)
+        lo, hi = max(keep.start, row), min(keep.stop, row + n)
+        if lo < hi:
+            out[lo - keep.start:hi - keep.start] = block[lo - row:hi - row].mul_(std)
+        row += n
+    return out

@@ -47,7 +47,8 @@ class NMSparseLinear(StructuredLinear):
         tensor-parallel sharding. The phase starts at the layer's own ``n:m`` with no mask decay."""
         self.register_buffer("nm_phase", torch.tensor([0.0, self.n, 0.0, 0.0], dtype=torch.float64))
         if freeze:
-            self.register_buffer("frozen_mask", torch.ones(self.out_features, self.in_features, dtype=torch.bool))
+            self.register_buffer("frozen_mask", torch.ones(self.out_features, self.in_features, dtype=torch.bool,
+                                                           device=self.weight.device))
 
     def set_phase(self, dense: bool, n_now: int, pruned_scale: float, freeze: bool) -> None:
         """Set the phase of this step. ``freeze`` takes the current ``n_now:m`` mask of the weights as the fixed
@@ -131,3 +132,8 @@ class NMSparseLinear(StructuredLinear):
 
     def num_params(self):
         return self.out_features * self.in_features * self.n // self.m
+
+    def executed_flops(self, tokens):
+        # the masked weight is applied as a dense product (the Triton kernel masks its loads); no 2:4 sparse
+        # tensor cores are used
+        return 2 * tokens * self.out_features * self.in_features
