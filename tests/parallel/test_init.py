@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 
-from model.config import ModelConfig
 from model.structured import REGISTRY, example_spec
 from model.structured import base as structured_base
 from model.structured.base import normal_rows
