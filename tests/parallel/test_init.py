@@ -27,7 +27,8 @@ block-search masks, N:M phases, self-guided dense guides computed from the initi
 def _config(structure: str, rules: str, tie: bool):
     overrides = [f"model.structure={structure}", f"sparsity.rules={rules}", "model.d_model=64", "model.n_layers=4",
                  "model.n_heads=4", "model.n_kv_heads=4", "model.d_ff=128", "model.vocab_size=512",
-                 "model.max_seq_len=32", "data.seq_len=32", f"model.tie_embeddings={str(tie).lower()}", "train.steps=20"]
+                 "model.max_seq_len=32", "data.seq_len=32", f"model.tie_embeddings={str(tie).lower()}",
+                 "train.steps=20"]
     cfg = load_config(None, overrides)
     return cfg.model, cfg.sparsity.rules
 
