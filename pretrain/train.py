@@ -75,6 +75,34 @@ def build_meta(cfg: ModelConfig) -> GPT:
         raise ConfigError(str(e)) from None
 
 
+def build_parallel(cfg: Config, dims: ParallelDims, device: torch.device, local_batch: int,
+                   sharded: bool = True) -> tuple[ParallelModel, int, dict[str, int]]:
+    """The model of ``cfg`` as this rank runs it on ``dims`` (a built mesh), with the full model's parameter count
+    and FLOPs per token. ``sharded``: built on ``meta`` and each rank fills only its shards and stages
+    (``parallel/init.py``); else the whole model is initialised on every rank, then sliced (the reference the
+    sharded path equals bit for bit, and what ``tools/bench_memory.py`` compares against)."""
+    t, par, rules = cfg.train, cfg.parallel, cfg.sparsity.rules
+    plain = build_meta(dense_first(cfg.model, rules, t.steps, 0))
+    init = None
+    if sharded:
+        model = copy.deepcopy(plain)
+        enable_pruning(model.structured_layers(), rules)  # on meta: bad rules stop here, before any work
+        init = ShardedInit(plain, t.seed, lambda name, layer: enable_pruning({name: layer}, rules))
+    else:
+        model = plain.to_empty(device=torch.device("cpu"))
+        model.init_weights(t.seed)
+        enable_pruning(model.structured_layers(), rules)
+        full = (model.num_params(), model.flops_per_token(cfg.data.seq_len))  # before sharding slices it
+    try:
+        parallel = ParallelModel(model, dims, device, t.micro_batch, local_batch, par.pp_schedule,
+                                 t.activation_checkpointing, t.compile, par.sequence_parallel, init)
+    except StructureError as e:
+        raise ConfigError(f"model.structure does not fit parallel.tp={par.tp}: {e}") from None
+    if init is None:
+        return parallel, *full
+    return parallel, plain.num_params(counts=init.counts), plain.flops_per_token(cfg.data.seq_len, counts=init.counts)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is available; allowed here: auto, cpu")
@@ -127,19 +155,7 @@ class Trainer:
                               f"parallel.tp={par.tp} ranks; set data.seq_len to a multiple of {par.tp}")
         t = cfg.train
         self.local_batch = t.global_batch // par.dp
-        plain = build_meta(dense_first(cfg.model, cfg.sparsity.rules, t.steps, 0))
-        model = copy.deepcopy(plain)
-        rules = cfg.sparsity.rules
-        enable_pruning(model.structured_layers(), rules)  # on meta: bad rules stop here, before any work
-        init = ShardedInit(plain, t.seed, lambda name, layer: enable_pruning({name: layer}, rules))
-        try:
-            self.model = ParallelModel(model, self.dims, self.device, t.micro_batch, self.local_batch,
-                                       par.pp_schedule, t.activation_checkpointing, t.compile,
-                                       par.sequence_parallel, init)
-        except StructureError as e:
-            raise ConfigError(f"model.structure does not fit parallel.tp={par.tp}: {e}") from None
-        self.full_params = plain.num_params(counts=init.counts)
-        self.flops = plain.flops_per_token(cfg.data.seq_len, counts=init.counts)
+        self.model, self.full_params, self.flops = build_parallel(cfg, self.dims, self.device, self.local_batch)
         self.optimizer = build_optimizer(cfg.optim, self.model.named_parameters(),
                                          self.model.param_groups(cfg.optim.weight_decay), self.model.dp_group,
                                          self.model.tp_group, self.model.pp_group, self.model.placements)

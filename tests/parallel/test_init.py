@@ -1,19 +1,14 @@
 """Sharded initialisation gives every rank, bit for bit, the slice of a full-model init from the same seed."""
 
-import copy
-
 import pytest
 import torch
 
 from model.structured import REGISTRY, example_spec
 from model.structured import base as structured_base
 from model.structured.base import normal_rows
-from parallel.init import ShardedInit
 from parallel.mesh import ParallelDims
-from parallel.runtime import ParallelModel
 from pretrain.config import load_config
-from pretrain.sparsity import enable_pruning
-from pretrain.train import build_meta, build_model
+from pretrain.train import build_parallel
 from tests.distributed import run
 from tests.parallel.test_training import SCHEDULED, SCHEDULED_STRUCTURE
 
@@ -24,31 +19,19 @@ CASES["schedules"] = (SCHEDULED_STRUCTURE, SCHEDULED)
 block-search masks, N:M phases, self-guided dense guides computed from the initial weights, dense-first layers)."""
 
 
-def _config(structure: str, rules: str, tie: bool):
+def _both(dims: ParallelDims, structure: str, rules: str, tie: bool):
+    """(full init then slice, sharded init) of the same config on this rank, each with its counts."""
     overrides = [f"model.structure={structure}", f"sparsity.rules={rules}", "model.d_model=64", "model.n_layers=4",
                  "model.n_heads=4", "model.n_kv_heads=4", "model.d_ff=128", "model.vocab_size=512",
                  "model.max_seq_len=32", "data.seq_len=32", f"model.tie_embeddings={str(tie).lower()}",
-                 "train.steps=20"]
+                 "train.steps=20", "train.seed=3", "train.micro_batch=1"]
     cfg = load_config(None, overrides)
-    return cfg.model, cfg.sparsity.rules
+    old, *old_counts = build_parallel(cfg, dims, CPU, local_batch=4, sharded=False)
+    new, *new_counts = build_parallel(cfg, dims, CPU, local_batch=4)
+    return old, new, old_counts, new_counts
 
 
-def _both(dims: ParallelDims, structure: str, rules: str, tie: bool):
-    """(full init then slice, sharded init) of the same config on this rank, and the sharded run's counts."""
-    model_cfg, rules = _config(structure, rules, tie)
-    full = build_model(model_cfg, CPU, seed=3)
-    enable_pruning(full.structured_layers(), rules)
-    counts = (full.num_params(), full.flops_per_token(32))
-    old = ParallelModel(full, dims, CPU, micro_batch=1, local_batch=4)
-    plain = build_meta(model_cfg)
-    meta = copy.deepcopy(plain)
-    enable_pruning(meta.structured_layers(), rules)
-    init = ShardedInit(plain, 3, lambda name, layer: enable_pruning({name: layer}, rules))
-    new = ParallelModel(meta, dims, CPU, micro_batch=1, local_batch=4, init=init)
-    return old, new, counts, (plain.num_params(counts=init.counts), plain.flops_per_token(32, counts=init.counts))
-
-
-def _assert_identical(old: ParallelModel, new: ParallelModel, label: str) -> None:
+def _assert_identical(old, new, label: str) -> None:
     a, b = old.named_tensors(), new.named_tensors()
     assert sorted(a) == sorted(b), label
     for key in a:
