@@ -172,7 +172,7 @@ class GPT(nn.Module):
                 unit.reset_parameters(std, gen)
             else:  # embedding or head [V, d]
                 rows, cols = unit.weight.shape
-                unit.weight.copy_(normal_rows(rows, cols, std, gen, range(rows)))
+                normal_rows(rows, cols, std, gen, range(rows), out=unit.weight.data)
 
     # -- forward --------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:

@@ -87,13 +87,14 @@ class ShardedInit:
                 rows, cols = unit.weight.shape
                 per = rows // size
                 keep = range(rank * per, (rank + 1) * per) if owners else range(0)
-                values = normal_rows(rows, cols, std, gen, keep)
-                for target in owners:
-                    target.weight.copy_(values)
+                if owners:  # straight into the (single) stage that holds it
+                    normal_rows(rows, cols, std, gen, keep, out=owners[0].weight.data)
+                else:
+                    normal_rows(rows, cols, std, gen, keep)
         for stage in stages.values():
             stage.init_fixed()  # ties the head to the embedding again after to_empty()
             for key, t in stage.state_dict().items():
-                if t.is_floating_point() and torch.isnan(t).any():
+                if t.is_floating_point() and torch.isnan(t.sum(dtype=torch.float64)):  # no tensor-sized temporary
                     raise InitError(f"sharded initialisation left {key} unset")
 
 

@@ -434,17 +434,20 @@ NORMAL_CHUNK = 1 << 20
 """Elements per draw of ``normal_rows`` (rounded to whole rows and to a multiple of 16)."""
 
 
-def normal_rows(rows: int, cols: int, std: float, generator: torch.Generator | None, keep: range) -> torch.Tensor:
+def normal_rows(rows: int, cols: int, std: float, generator: torch.Generator | None, keep: range,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows ``keep`` of ``torch.randn(rows, cols, generator=generator) * std``, bit for bit, drawing the matrix in
     chunks of about ``NORMAL_CHUNK`` elements and keeping only ``keep``: memory is one chunk plus the kept rows,
     and the generator ends where the full draw leaves it.
 
     torch's CPU normal fill draws one uniform per element in order and transforms them 16 at a time (a tail that
     is not a multiple of 16 redraws the last 16), so consecutive draws of multiples of 16 elements, the last
-    at least 16 long, give the same values as one draw of the whole (tested)."""
+    at least 16 long, give the same values as one draw of the whole (tested). ``out`` (``[len(keep), cols]``, any
+    device) receives the rows in place."""
     step = 16 // math.gcd(cols, 16)  # rows per chunk must make a multiple of 16 elements
     per = max(step, NORMAL_CHUNK // max(cols, 1) // step * step)
-    out = torch.empty(len(keep), cols)
+    if out is None:
+        out = torch.empty(len(keep), cols)
     row = 0
     while row < rows:
         n = min(per, rows - row)
@@ -453,6 +456,6 @@ def normal_rows(rows: int, cols: int, std: float, generator: torch.Generator | N
         block = torch.randn(n, cols, generator=generator, dtype=torch.float32)
         lo, hi = max(keep.start, row), min(keep.stop, row + n)
         if lo < hi:
-            out[lo - keep.start:hi - keep.start] = block[lo - row:hi - row].mul_(std)
+            out[lo - keep.start:hi - keep.start] = block[lo - row:hi - row].mul_(std).to(out.device, out.dtype)
         row += n
     return out

@@ -1,0 +1,227 @@
+"""Memory per rank: at start-up (sharded initialisation against full-init-then-slice) and in a training step
+(activation checkpointing, sequence parallelism).
+
+Usage:
+    python tools/bench_memory.py                                   # gpt2-small-blast shapes, every table
+    python tools/bench_memory.py --config configs/gpt2-small-dense.yaml --plot docs/bench-memory.png
+    python tools/bench_memory.py --tables startup --topologies 1x1,2x1,4x1
+
+Memory is what ``torch.distributed._tools.mem_tracker.MemTracker`` counts: the bytes of live tensors on this
+rank (CPU here, CUDA on a GPU), its peak while the model is built or while a step runs. Each topology runs under
+torchrun with tp x pp gloo processes (OMP_NUM_THREADS=1).
+
+- ``startup``: for each ``TPxPP``, the peak while building the model the Trainer's way (on ``meta``, each rank
+  fills only its shards and stages) and the old way (every rank initialises the whole model, then slices it),
+  the largest rank of each, against the full model's bytes and the ideal ``full / (tp x pp)``. Replicated parts
+  (norms, replicated structured factors, the embedding and head on pp's end stages) keep the sharded peak above
+  the ideal; the transient is one projection and one chunk of embedding rows.
+- ``activations``: one forward and backward of ``--micro-batch`` sequences of ``--seq-len`` tokens at (1, 1, 1)
+  under ``train.activation_checkpointing`` none, full and selective: the peak of activation memory (tensors the
+  forward keeps) and of the step above the weights, with the step time, each as a ratio to none.
+- ``sequence``: the same step at tp=2 with and without ``parallel.sequence_parallel`` (per rank).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TABLES = ("startup", "activations", "sequence")
+MiB = 2**20
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/gpt2-small-blast.yaml")
+    ap.add_argument("--vocab-size", type=int, default=32000, help="model.vocab_size (the recipes take the store's)")
+    ap.add_argument("--tables", default=",".join(TABLES), help=f"comma list from {list(TABLES)}")
+    ap.add_argument("--topologies", default="1x1,2x1,4x1,1x2,1x4,2x2", help="TPxPP list for the start-up table")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--plot", help="PNG of the start-up table (peak per rank against tp x pp)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="more config overrides")
+    ap.add_argument("--worker", nargs=2, metavar=("KIND", "OUT"), help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def _overrides(args, tp: int = 1, pp: int = 1, **extra) -> list[str]:
+    base = {"model.vocab_size": args.vocab_size, "data.seq_len": args.seq_len,
+            "model.max_seq_len": max(args.seq_len, 1024), "train.micro_batch": args.micro_batch,
+            "train.global_batch": args.micro_batch * pp, "parallel.tp": tp, "parallel.pp": pp,
+            "train.device": "cpu"}
+    base.update(extra)
+    return [*(f"{k}={v}" for k, v in base.items()), *args.overrides]
+
+
+def _peak(tracker, kind: str = "peak") -> int:
+    """The tracked bytes on the devices that hold memory (the ``meta`` model is tracked too, holds none)."""
+    return max((stats["Total"] for dev, stats in tracker.get_tracker_snapshot(kind).items() if dev.type != "meta"),
+               default=0)
+
+
+def _worker(args, kind: str, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from parallel.mesh import ParallelDims
+    from pretrain.config import load_config
+    from pretrain.train import build_meta, build_parallel
+
+    dist.init_process_group("gloo")  # also for one process: the results are gathered the same way
+    world, rank = dist.get_world_size(), dist.get_rank()
+    result = {}
+    if kind.startswith("startup"):
+        tp, pp = (int(v) for v in kind.split(":")[1].split("x"))
+        cfg = load_config(args.config, _overrides(args, tp, pp))
+        dims = ParallelDims(1, tp, pp)
+        dims.build_mesh("cpu")
+        for sharded in (True, False):
+            tracker = MemTracker()
+            with tracker:
+                model, *_ = build_parallel(cfg, dims, torch.device("cpu"), cfg.train.global_batch, sharded=sharded)
+            local = sum(t.numel() * t.element_size() for t in model.named_tensors().values())
+            result["sharded" if sharded else "full"] = _peak(tracker)
+            result["local"] = local
+            del model
+        meta = build_meta(cfg.model)
+        result["model"] = sum(t.numel() * t.element_size() for t in [*meta.parameters(), *meta.buffers()])
+    else:
+        variants = {"activations": [("none", {}), ("full", {"train.activation_checkpointing": "full"}),
+                                    ("selective", {"train.activation_checkpointing": "selective"})],
+                    "sequence": [("tp", {}), ("tp+sp", {"parallel.sequence_parallel": "true"})]}[kind]
+        tp = 2 if kind == "sequence" else 1
+        for name, extra in variants:
+            cfg = load_config(args.config, _overrides(args, tp, 1, **extra))
+            dims = ParallelDims(1, tp, 1)
+            dims.build_mesh("cpu")
+            model, *_ = build_parallel(cfg, dims, torch.device("cpu"), args.micro_batch)
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randint(0, args.vocab_size, (args.micro_batch, args.seq_len), generator=gen)
+            y = torch.randint(0, args.vocab_size, (args.micro_batch, args.seq_len), generator=gen)
+            model.forward_backward(x, y, torch.autocast("cpu", enabled=False))  # warm-up (lazy init, grads)
+            tracker = MemTracker()
+            for stage in model.stages.values():
+                tracker.track_external(stage)
+            with tracker:
+                before = _peak(tracker, "current")
+                start = time.perf_counter()
+                model.forward_backward(x, y, torch.autocast("cpu", enabled=False))
+                seconds = time.perf_counter() - start
+            peak = tracker.get_tracker_snapshot("peak")
+            act = max(stats.get(_act_key(stats), 0) for dev, stats in peak.items() if dev.type != "meta")
+            result[name] = {"step": _peak(tracker) - before, "act": act, "s": seconds}
+            del model
+    gathered = [None] * world
+    dist.all_gather_object(gathered, result)
+    if rank == 0:
+        Path(out).write_text(json.dumps(gathered))
+    dist.destroy_process_group()
+
+
+def _act_key(stats: dict):
+    return next(k for k in stats if getattr(k, "value", None) == "Activation")
+
+
+def _launch(args, argv, kind: str, nproc: int, tmp: str) -> list[dict]:
+    out = Path(tmp) / f"{kind.replace(':', '-')}.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", __file__,
+           "--worker", kind, str(out), *argv]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+def _startup(args, argv, tmp) -> list[dict]:
+    rows = []
+    print(f"\nstart-up peak per rank ({args.config}, vocab {args.vocab_size}); the largest rank, MiB\n")
+    print("| tp x pp | full model | ideal full/(tp pp) | sharded init | x full | x ideal | full init then slice "
+          "| x full | rank's own tensors |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for topo in args.topologies.split(","):
+        tp, pp = (int(v) for v in topo.split("x"))
+        ranks = _launch(args, argv, f"startup:{topo}", tp * pp, tmp)
+        model = ranks[0]["model"]
+        sharded, full = max(r["sharded"] for r in ranks), max(r["full"] for r in ranks)
+        ideal = model / (tp * pp)
+        local = max(r["local"] for r in ranks)
+        rows.append({"tp": tp, "pp": pp, "model": model, "sharded": sharded, "full": full, "ideal": ideal})
+        print(f"| {tp} x {pp} | {model / MiB:,.0f} | {ideal / MiB:,.0f} | {sharded / MiB:,.0f} | "
+              f"{sharded / model:.2f} | {sharded / ideal:.2f} | {full / MiB:,.0f} | {full / model:.2f} | "
+              f"{local / MiB:,.0f} |", flush=True)
+    return rows
+
+
+def _steps(args, argv, kind: str, tmp) -> None:
+    nproc = 2 if kind == "sequence" else 1
+    ranks = _launch(args, argv, kind, nproc, tmp)
+    where = "tp=2, per rank (the larger)" if kind == "sequence" else "(1, 1, 1)"
+    print(f"\n{kind}: one forward+backward of {args.micro_batch} x {args.seq_len} tokens at {where}; MiB\n")
+    print("| variant | activations | x first | step above weights | x first | step s | x first |")
+    print("|---|---|---|---|---|---|---|")
+    names = list(ranks[0])
+    base = {k: max(r[names[0]][k] for r in ranks) for k in ("act", "step", "s")}
+    for name in names:
+        v = {k: max(r[name][k] for r in ranks) for k in ("act", "step", "s")}
+        print(f"| {name} | {v['act'] / MiB:,.1f} | {v['act'] / base['act']:.2f} | {v['step'] / MiB:,.1f} | "
+              f"{v['step'] / base['step']:.2f} | {v['s']:.2f} | {v['s'] / base['s']:.2f} |", flush=True)
+
+
+def _plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = [f"{r['tp']}x{r['pp']}" for r in rows]
+    xs = range(len(rows))
+    ax.bar([x - 0.27 for x in xs], [r["full"] / MiB for r in rows], 0.27, label="full init then slice")
+    ax.bar(list(xs), [r["sharded"] / MiB for r in rows], 0.27, label="sharded init")
+    ax.bar([x + 0.27 for x in xs], [r["ideal"] / MiB for r in rows], 0.27, label="full / (tp x pp)")
+    ax.set_xticks(list(xs), labels)
+    ax.set_xlabel("tp x pp")
+    ax.set_ylabel("start-up peak per rank (MiB)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"\nwrote {path}")
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.worker:
+        _worker(args, *args.worker)
+        return 0
+    tables = args.tables.split(",")
+    bad = [t for t in tables if t not in TABLES]
+    topologies = args.topologies.split(",")
+    bad_topo = [t for t in topologies if not (len(t.split("x")) == 2 and all(v.isdigit() and int(v) > 0
+                                                                            for v in t.split("x")))]
+    if bad or bad_topo:
+        print(f"error: --tables {bad} (allowed: {list(TABLES)}) / --topologies {bad_topo} (TPxPP, e.g. 2x1)"
+              if bad or bad_topo else "", file=sys.stderr)
+        return 2
+    if not Path(args.config).is_file():
+        print(f"error: --config {args.config}: no such file", file=sys.stderr)
+        return 2
+    worker_argv = [a for a in argv if a != "--plot" and not a.endswith(".png")]
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+        rows = _startup(args, worker_argv, tmp) if "startup" in tables else []
+        for kind in ("activations", "sequence"):
+            if kind in tables:
+                _steps(args, worker_argv, kind, tmp)
+    if args.plot and rows:
+        _plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
