@@ -26,6 +26,7 @@ def parse_args(argv=None):
     ap.add_argument("--configs", default="configs/tiny-cpu.yaml,configs/tiny-cpu-dense.yaml")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--checkpointing", default=",".join(MODES), help=f"comma list from {list(MODES)}")
+    ap.add_argument("--modes", default="eager,compile", help="comma list from ['eager', 'compile']")
     ap.add_argument("--data", default="data/stdlib", help="token store (tools/prepare_data.py)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="more config overrides")
     return ap.parse_args(argv)
@@ -48,11 +49,12 @@ def run(config: str, data: str, out: Path, steps: int, mode: str, compiled: bool
 def main(argv=None) -> int:
     args = parse_args(argv)
     modes = args.checkpointing.split(",")
-    bad = [m for m in modes if m not in MODES]
+    compiled_modes = args.modes.split(",")
+    bad = [m for m in modes if m not in MODES] + [m for m in compiled_modes if m not in ("eager", "compile")]
     missing = [c for c in args.configs.split(",") if not Path(c).is_file()]
     if bad or missing or args.steps <= WARMUP_STEPS:
-        print(f"error: --checkpointing {bad} (allowed: {list(MODES)}), --configs missing {missing}, "
-              f"--steps must exceed {WARMUP_STEPS}", file=sys.stderr)
+        print(f"error: --checkpointing/--modes {bad} (allowed: {list(MODES)}; eager, compile), "
+              f"--configs missing {missing}, --steps must exceed {WARMUP_STEPS}", file=sys.stderr)
         return 2
     if not Path(args.data).exists():
         print(f"error: --data {args.data} not found; prepare it: python tools/prepare_data.py --out {args.data}",
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
         for config in args.configs.split(","):
             base = None
-            for compiled in (False, True):
+            for compiled in [m == "compile" for m in compiled_modes]:
                 for mode in modes:
                     label = f"{Path(config).stem} {'compile' if compiled else 'eager'} {mode}"
                     r = run(config, args.data, Path(tmp) / label.replace(" ", "-"), args.steps, mode, compiled,

@@ -31,8 +31,20 @@ def run_one(config: str, spec: str, steps: int, data: str | None, out_dir: Path,
     result = trainer.fit()
     rec, tok_s = run_records(out_dir)
     gpt = trainer.model.stages[0]  # one process: the whole GPT
+    steady = [r for s, r in rec.items() if s > 2 and "perf/mfu" in r]
+
+    def median(key):
+        values = sorted(r[key] for r in steady if key in r)
+        return values[len(values) // 2] if values else None
+
     return {"params": gpt.num_params(exclude_embedding=True), "flops": trainer.flops["forward"],
-            "tok_s": tok_s, "val0": rec[0]["val/loss"], "val": result["val/loss"]}
+            "tok_s": tok_s, "val0": rec[0]["val/loss"], "val": result["val/loss"], "mfu": median("perf/mfu"),
+            "mfu_executed": median("perf/mfu_executed"),
+            "memory": max((r.get("perf/max_memory_gib", 0.0) for r in rec.values()), default=0.0)}
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "-" if not value else format(value, fmt)
 
 
 def main(argv=None) -> int:
@@ -61,13 +73,17 @@ def main(argv=None) -> int:
                 return 2
     base = rows["dense"]
     print(f"\n{args.steps} steps of {args.config}; parameters exclude the embedding; ratios are to dense.\n")
-    print("| structure | params | x dense | fwd FLOPs/token | x dense | tokens/s | x dense | "
-          "val loss (init) | final val loss | diff vs dense |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("MFU is on the structure's FLOPs and on the FLOPs its products execute (zeros included: N:M, and block")
+    print("sparsity where no kept-blocks product applies, run dense products); peak memory is CUDA's (- on CPU).\n")
+    print("| structure | params | x dense | fwd FLOPs/token | x dense | tokens/s | x dense | MFU | MFU executed | "
+          "peak GiB | x dense | val loss (init) | final val loss | diff vs dense |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['params']:,} | {ratio(r['params'], base['params'])} | {r['flops']:,} | "
               f"{ratio(r['flops'], base['flops'])} | {r['tok_s']:,.0f} | {ratio(r['tok_s'], base['tok_s'])} | "
-              f"{r['val0']:.3f} | {r['val']:.3f} | {r['val'] - base['val']:+.3f} |")
+              f"{_cell(r['mfu'], '.3f')} | {_cell(r['mfu_executed'], '.3f')} | {_cell(r['memory'], '.2f')} | "
+              f"{ratio(r['memory'], base['memory'])} | {r['val0']:.3f} | {r['val']:.3f} | "
+              f"{r['val'] - base['val']:+.3f} |")
     return 0
 
 

@@ -4,7 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from tools import bench_checkpoint, bench_kernels, bench_optim, bench_sparsity, bench_structures
+from tools import (
+    bench_checkpoint,
+    bench_kernels,
+    bench_memory,
+    bench_optim,
+    bench_sparsity,
+    bench_step,
+    bench_structures,
+)
 
 ROOT = Path(__file__).parents[2]
 
@@ -16,12 +24,38 @@ def _rows(out: str) -> dict[str, list[str]]:
 
 
 def test_bench_structures_prints_ratios_to_dense(tiny_store, capsys):
-    args = ["--config", str(ROOT / "configs/tiny-cpu.yaml"), "--steps", "4", "--structures", "lowrank",
+    args = ["--config", str(ROOT / "configs/tiny-cpu.yaml"), "--steps", "4", "--structures", "lowrank,nm",
             "--data", str(tiny_store)]
     assert bench_structures.main(args) == 0
     rows = _rows(capsys.readouterr().out)
-    assert set(rows) == {"dense", "lowrank"} and rows["dense"][1] == "1.00"
+    assert set(rows) == {"dense", "lowrank", "nm"} and rows["dense"][1] == "1.00"
     assert 0 < float(rows["lowrank"][1]) < 1  # fewer parameters than dense
+    mfu, executed = (float(rows["lowrank"][i]) for i in (6, 7))
+    assert mfu == executed > 0  # low-rank products execute exactly the structure's FLOPs
+    mfu, executed = (float(rows["nm"][i]) for i in (6, 7))
+    assert executed > 1.3 * mfu  # 2:4 runs a dense masked product here: the hardware does twice the structure's work
+
+
+def test_bench_memory_startup_falls_with_tp(capsys):
+    args = ["--config", str(ROOT / "configs/tiny-cpu.yaml"), "--vocab-size", "512", "--tables",
+            "startup,activations", "--topologies", "1x1,2x1", "--seq-len", "64"]
+    assert bench_memory.main(args) == 0
+    rows = _rows(capsys.readouterr().out)
+    one, two = (float(rows[k][3].replace(",", "")) for k in ("1 x 1", "2 x 1"))  # sharded peak per rank, MiB
+    assert two < one
+    assert float(rows["full"][0]) < float(rows["none"][0])  # checkpointing keeps fewer activations
+    assert bench_memory.main(["--tables", "nope"]) == 2
+
+
+def test_bench_step_times_checkpointing_against_none(tiny_store, capsys):
+    args = ["--configs", str(ROOT / "configs/tiny-cpu.yaml"), "--steps", "4", "--checkpointing", "none,full",
+            "--modes", "eager", "--data", str(tiny_store), "--set", "train.micro_batch=4", "--set",
+            "train.global_batch=4", "--set", "data.seq_len=64"]
+    assert bench_step.main(args) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert rows["tiny-cpu eager none"][1] == "1.00"
+    assert float(rows["tiny-cpu eager full"][3]) == 0.0  # recomputation changes no loss
+    assert bench_step.main(["--modes", "jit"]) == 2
 
 
 def test_bench_optim_sweeps_learning_rates_and_judges_the_mlbfgs_claim(tiny_store, tmp_path, capsys, monkeypatch):
