@@ -53,9 +53,9 @@ def apply_activation_checkpointing(model: GPT, mode: str) -> None:
         block.runner = None if mode == "none" else partial(_run_checkpointed, mode)
 
 
-def compile_blocks(model: GPT) -> None:
+def compile_blocks(model: GPT, backend: str = "inductor") -> None:
     """``torch.compile`` every block of ``model`` in place (parameter names do not change). The Triton kernels
     are torch custom ops (``structorch::*``), so they sit inside the compiled graphs; a checkpointed block is
     compiled with its recomputation."""
     for block in model.layers.values():
-        block.compile()
+        block.compile(backend=backend)

@@ -32,7 +32,7 @@ class ParallelModel:
 
     def __init__(self, model: GPT, dims: ParallelDims, device: torch.device, micro_batch: int = 1,
                  local_batch: int = 1, schedule: str = "1f1b", activation_checkpointing: str = "none",
-                 compile: bool = False, sequence_parallel: bool = False, init: ShardedInit | None = None):
+                 compile: bool | str = False, sequence_parallel: bool = False, init: ShardedInit | None = None):
         self.dims, self.device = dims, device
         self.micro_batch, self.local_batch = micro_batch, local_batch
         self.tp_group, self.dp_group, self.pp_group = dims.group("tp"), dims.group("dp"), dims.group("pp")
@@ -65,8 +65,8 @@ class ParallelModel:
             self.pipeline = None
         for stage in self.stages.values():
             apply_activation_checkpointing(stage, activation_checkpointing)
-            if compile:
-                compile_blocks(stage)
+            if compile:  # True: inductor, or a backend's name
+                compile_blocks(stage, "inductor" if compile is True else compile)
         self._params = dict(self.named_parameters())
 
     def record_comm(self, stats: CommStats) -> None:

@@ -166,7 +166,10 @@ class TrainConfig:
     keeps the outputs of the matrix products and attention and recomputes the norms, activations and
     elementwise steps. Losses are exactly those of ``none``."""
     compile: bool = False
-    """``torch.compile`` each block (inductor; the Triton kernels are custom ops inside its graphs)."""
+    """``torch.compile`` each block (the Triton kernels are custom ops inside its graphs)."""
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    """``torch.compile``'s backend: ``inductor`` (generated kernels), ``aot_eager`` (the same graph capture and
+    autograd, eager kernels: for debugging a graph, and what the multi-process tests use to stay fast)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; auto picks CUDA when present."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -330,6 +333,9 @@ class Config:
                               f"interleaved_1f1b or zero_bubble, not {par.pp_schedule!r}")
         if d.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if par.sequence_parallel and d.seq_len % par.tp:
+            raise ConfigError(f"parallel.sequence_parallel=true splits data.seq_len={d.seq_len} over "
+                              f"parallel.tp={par.tp} ranks; set data.seq_len to a multiple of {par.tp}")
         if not 0.0 < d.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={d.val_fraction} must lie in (0, 1)")
         if not d.paths:

@@ -95,7 +95,8 @@ def build_parallel(cfg: Config, dims: ParallelDims, device: torch.device, local_
         full = (model.num_params(), model.flops_per_token(cfg.data.seq_len))  # before sharding slices it
     try:
         parallel = ParallelModel(model, dims, device, t.micro_batch, local_batch, par.pp_schedule,
-                                 t.activation_checkpointing, t.compile, par.sequence_parallel, init)
+                                 t.activation_checkpointing, t.compile and t.compile_backend, par.sequence_parallel,
+                                 init)
     except StructureError as e:
         raise ConfigError(f"model.structure does not fit parallel.tp={par.tp}: {e}") from None
     if init is None:
@@ -150,9 +151,6 @@ class Trainer:
             self.dims.build_mesh(self.device.type)
         except TopologyError as e:
             raise ConfigError(str(e)) from None
-        if par.sequence_parallel and cfg.data.seq_len % par.tp:
-            raise ConfigError(f"parallel.sequence_parallel=true splits data.seq_len={cfg.data.seq_len} over "
-                              f"parallel.tp={par.tp} ranks; set data.seq_len to a multiple of {par.tp}")
         t = cfg.train
         self.local_batch = t.global_batch // par.dp
         self.model, self.full_params, self.flops = build_parallel(cfg, self.dims, self.device, self.local_batch)

@@ -33,9 +33,12 @@ def parse_args(argv=None):
 
 
 def run(config: str, data: str, out: Path, steps: int, mode: str, compiled: bool, extra: list[str]) -> dict:
+    import torch
+
     from pretrain.config import load_config
     from pretrain.train import Trainer
 
+    torch._dynamo.reset()  # each run compiles afresh (one process runs every variant; dynamo's cache is per process)
     overrides = [f"data.paths=[{data}]", f"train.activation_checkpointing={mode}",
                  f"train.compile={str(compiled).lower()}", *quiet_run(steps, out), *extra]
     Trainer(load_config(config, overrides)).fit()

@@ -14,6 +14,19 @@ STRUCTURES = {kind: example_spec(kind).flow() for kind in ("dense", "lowrank", "
 """The structures of the loss-equality tests (the sparse kinds are exact at the layer level instead)."""
 
 
+VARIANTS = {"ckpt-full": ["train.activation_checkpointing=full"],
+            "ckpt-selective": ["train.activation_checkpointing=selective"],
+            "sp": ["parallel.sequence_parallel=true"], "compile": ["train.compile=true"],
+            "aot": ["train.compile=true", "train.compile_backend=aot_eager"], "short": ["train.exit_after_steps=5"]}
+"""Extra overrides by label: a driver run named ``structure@label+label`` (e.g. ``blast@sp+ckpt-full``) adds them."""
+
+
+def variant(name: str) -> tuple[str, list[str]]:
+    """The structure of a driver run's name and its variants' overrides."""
+    kind, _, labels = name.partition("@")
+    return kind, [o for label in labels.split("+") if label for o in VARIANTS[label]]
+
+
 def tiny(store: Path, steps: int = 20, **extra) -> list[str]:
     """Overrides for a tiny 8-layer model that divides every tested topology (tp up to 4, 8 stages)."""
     base = {"data.paths": f"[{store}]", "data.seq_len": 32, "model.max_seq_len": 32, "model.d_model": 64,

@@ -6,18 +6,19 @@ Usage (from the repository root):
 
 Each structure runs ``pretrain.train.Trainer`` with ``train.out_dir=DIR/<structure>``; rank 0 writes its
 metrics there. A name that is not one of ``common.STRUCTURES`` labels a run whose ``model.structure`` is among
-the ``--set`` overrides.
+the ``--set`` overrides; ``name@sp+ckpt-full`` adds the overrides of those labels (``common.VARIANTS``).
 """
 
 import argparse
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from pretrain.config import load_config
 from pretrain.train import Trainer
-from tests.parallel.common import STRUCTURES
+from tests.parallel.common import STRUCTURES, variant
 
 
 def main() -> int:
@@ -28,9 +29,11 @@ def main() -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     for name in args.structures.split(","):
-        structure = [f"model.structure={{default: {STRUCTURES[name]}}}"] if name in STRUCTURES else []
-        overrides = [*args.overrides, *structure, f"train.out_dir={Path(args.out) / name}",
+        kind, extra = variant(name)
+        structure = [f"model.structure={{default: {STRUCTURES[kind]}}}"] if kind in STRUCTURES else []
+        overrides = [*args.overrides, *structure, *extra, f"train.out_dir={Path(args.out) / name}",
                      f"checkpoint.resume={args.resume}"]
+        torch._dynamo.reset()  # a compiled run compiles afresh, as in a job of its own
         Trainer(load_config(None, overrides)).fit()
     dist.destroy_process_group()
     return 0

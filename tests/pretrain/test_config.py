@@ -54,6 +54,12 @@ def test_resolved_config_round_trips(tmp_path):
         ("parallel.pp_schedule=looped", r"parallel.pp_schedule=.looped. is not allowed; allowed: \[.gpipe., .1f1b."),
         ("parallel.virtual_stages=2", r"parallel.virtual_stages=2 needs parallel.pp_schedule interleaved_1f1b"),
         ("data.seq_len=512", r"data.seq_len=512 exceeds model.max_seq_len=128"),
+        ("parallel.tp=3;parallel.sequence_parallel=true",
+         r"parallel.sequence_parallel=true splits data.seq_len=128 over parallel.tp=3 ranks; set data.seq_len to a "
+         r"multiple of 3"),
+        ("train.activation_checkpointing=some", r"train.activation_checkpointing=.some. is not allowed; allowed: "
+                                                r"\[.none., .full., .selective.\]"),
+        ("train.compile_backend=tvm", r"train.compile_backend=.tvm. is not allowed; allowed: \[.inductor."),
         ("model.n_heads=3", r"model.n_heads=3 must divide model.d_model=128; allowed: \[1, 2, 4, 8"),
         ("model.structure.mlp.kind=butterfly", r"model.structure.mlp: kind='butterfly' is not a registered structure"),
         ("model.structure.mlp.blockz=4", r"model.structure.mlp.blockz: unknown key; allowed: \['kind', 'rank'"),
@@ -65,7 +71,7 @@ def test_resolved_config_round_trips(tmp_path):
 )
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(ROOT / "configs/tiny-cpu.yaml", [override])
+        load_config(ROOT / "configs/tiny-cpu.yaml", override.split(";"))
 
 
 def test_structure_that_does_not_divide_the_model_fails_before_training():
