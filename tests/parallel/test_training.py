@@ -19,13 +19,13 @@ from tools.inspect_checkpoint import inspect
 TOL = 1e-4
 ALL, TP1 = list(STRUCTURES), ["dense", "blast"]
 TOPOLOGIES = {
-    # (2, 2, 2) runs every structure with sequence parallelism and selective activation checkpointing; 5-step runs
-    # (the 20-step schedule, stopped) check that checkpointing changes nothing at all and that compiled blocks
-    # (aot_eager here: dynamo and AOTAutograd through the tensor-parallel hooks and the pipeline; inductor's
-    # kernels are checked in one process) follow too
-    "dp2-tp2-pp2": (8, topology(2, 2, 2), [f"{s}@sp+ckpt-selective" for s in ALL]
-                    + ["blast@sp+short", "blast@sp+ckpt-full+short", "monarch@sp+aot+short"]),
-    "dp1-tp2-pp2": (4, topology(1, 2, 2, "gpipe"), ALL),
+    # (2, 2, 2) runs every structure, then three 5-step runs (the 20-step schedule, stopped): sequence parallelism
+    # with and without full activation checkpointing (which must change nothing at all), and compiled blocks with
+    # sequence parallelism (aot_eager: dynamo and AOTAutograd through the tensor-parallel hooks and the pipeline;
+    # inductor's kernels are checked in one process). Selective checkpointing is exact in one process.
+    "dp2-tp2-pp2": (8, topology(2, 2, 2), [*ALL, "blast@sp+short", "blast@sp+ckpt-full+short",
+                                           "monarch@sp+aot+short"]),
+    "dp1-tp2-pp2": (4, topology(1, 2, 2, "gpipe"), ["lowrank", "monarch", "blast"]),
     "dp2-tp2-pp1": (4, topology(2, 2, 1), ["lowrank", "monarch", "blast"]),
     # without tensor parallelism every structure runs unsharded: two cover the pipeline schedules
     "dp2-tp1-pp2": (4, topology(2, 1, 2), TP1),
@@ -65,10 +65,8 @@ def test_parallel_losses_follow_single_process(name, reference, tiny_store, tmp_
             diff = max_rel_diff(val_ref, val, (0, 10, 20))
             assert diff < TOL, f"{name} {run}: max relative validation loss difference {diff:.2e}"
     if name == "dp2-tp2-pp2":  # recomputation is exact: the same losses bit for bit
-        full = losses(tmp_path / "blast@sp+ckpt-selective")
-        for run in ("blast@sp+short", "blast@sp+ckpt-full+short"):
-            got = losses(tmp_path / run)
-            assert all(got[s] == full[s] for s in got), (run, got, full)
+        plain, recomputed = losses(tmp_path / "blast@sp+short"), losses(tmp_path / "blast@sp+ckpt-full+short")
+        assert plain == recomputed, (plain, recomputed)
 
 
 RESHARD = "blast"
@@ -91,7 +89,7 @@ def test_checkpoints_reshard_between_topologies(reference, tiny_store, tmp_path)
     ref = losses(reference / RESHARD)
     base = tiny(tiny_store)  # the reference's 20-step schedule; runs stop early with exit_after_steps
     cases = {"222": (8, topology(2, 2, 2)), "142": (8, topology(1, 4, 2)), "111": (1, topology(1, 1, 1))}
-    plan = [("222", ["111", "142"]), ("142", ["222"]), ("111", ["222"])]
+    plan = [("222", ["111", "142"]), ("142", ["222"])]  # tp 2 -> 1 and 2 -> 4 and back, pp 2 -> 1
     for saver, resumers in plan:
         saved = tmp_path / f"save-{saver}"
         nproc, overrides = cases[saver]
