@@ -38,7 +38,7 @@ class LayerCount:
     def flops(self, tokens: int) -> int:
         return tokens * self.flops_per_token
 
-    def executed_flops(self, tokens: int) -> int:
+    def executed_flops(self, tokens: int, device=None) -> int:
         return tokens * self.executed_per_token
 
 
@@ -67,6 +67,7 @@ class ShardedInit:
                     t.fill_(float("nan"))  # anything left unfilled is caught below
             stage.init_fixed()
         gen = torch.Generator().manual_seed(self.seed)
+        device = next(iter(stages.values())).rope_cos.device  # where the products will run (for executed FLOPs)
         rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
         for name, std in self.plain.init_order():
             unit = self.plain.get_submodule(name)
@@ -76,7 +77,7 @@ class ShardedInit:
                 full.reset_parameters(std, gen)
                 if self.prepare is not None:
                     self.prepare(name, full)
-                self.counts[name] = LayerCount(full.num_params(), full.flops(1), full.executed_flops(1))
+                self.counts[name] = LayerCount(full.num_params(), full.flops(1), full.executed_flops(1, device))
                 if owners:
                     style = SLOTS[name.rsplit(".", 1)[1]].style
                     local = full if comm is None else full.shard_all(rank, size, style, comm).layer

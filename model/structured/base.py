@@ -268,10 +268,10 @@ class StructuredLinear(nn.Module, abc.ABC):
         per row for every structure here (a subclass whose product costs otherwise overrides this)."""
         return 2 * tokens * self.num_params()
 
-    def executed_flops(self, tokens: int) -> int:
-        """Forward FLOPs the products this layer runs here actually execute, zeros included: ``flops`` for the
-        structures whose products touch only their parameters; a sparse kind applied as a dense masked product
-        (no sparse kernel applies) executes the dense ``2 tokens in out``. MFU is reported on both."""
+    def executed_flops(self, tokens: int, device: torch.device | None = None) -> int:
+        """Forward FLOPs the products this layer runs execute on ``device`` (default: its own), zeros included:
+        ``flops`` for the structures whose products touch only their parameters; a sparse kind applied as a dense
+        masked product (no sparse kernel applies) executes the dense ``2 tokens in out``. MFU is reported on both."""
         return self.flops(tokens)
 
     # -- from_dense -------------------------------------------------------------------------------
@@ -372,11 +372,11 @@ class BlockMasked:
         """Weights the mask keeps."""
         return int(self.mask.sum()) * self.mask_block**2
 
-    def executed_flops(self, tokens: int) -> int:
-        """Forward FLOPs ``masked_linear`` executes: the kept blocks where it runs them alone (on the device the
-        weight is on), else the dense masked product."""
-        if self.mask is not None and self.mask_block > 1 and kept_blocks_pay(self.weight.device, self.mask,
-                                                                             self.mask_block):
+    def executed_flops(self, tokens: int, device: torch.device | None = None) -> int:
+        """Forward FLOPs ``masked_linear`` executes on ``device`` (default: the weight's): the kept blocks where it
+        runs them alone, else the dense masked product."""
+        device = device if device is not None else self.weight.device
+        if self.mask is not None and self.mask_block > 1 and kept_blocks_pay(device, self.mask, self.mask_block):
             return 2 * tokens * self.kept_params()
         return 2 * tokens * self.weight.numel()
 

@@ -133,7 +133,7 @@ class NMSparseLinear(StructuredLinear):
     def num_params(self):
         return self.out_features * self.in_features * self.n // self.m
 
-    def executed_flops(self, tokens):
+    def executed_flops(self, tokens, device=None):
         # the masked weight is applied as a dense product (the Triton kernel masks its loads); no 2:4 sparse
         # tensor cores are used
         return 2 * tokens * self.out_features * self.in_features

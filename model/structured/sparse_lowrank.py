@@ -138,6 +138,6 @@ class SparseLowRankLinear(StructuredLinear):
     def num_params(self):
         return self.rank * (self.in_features + self.out_features) + self.values.numel()
 
-    def executed_flops(self, tokens):
+    def executed_flops(self, tokens, device=None):
         # the sparse part is scattered into a dense matrix and applied as a dense product
         return 2 * tokens * (self.rank * (self.in_features + self.out_features) + self.out_features * self.in_features)
