@@ -51,9 +51,19 @@ class MeshMPU:
 
 
 def deepspeed_config(zero_stage: int, offload_optimizer: bool, offload_params: bool, micro_batch: int,
-                     accumulation: int, grad_clip: float, bf16: bool) -> dict:
-    """The DeepSpeed config of one run: batch sizes per dp rank, clipping, ZeRO stage and offload."""
-    zero: dict = {"stage": zero_stage, "elastic_checkpoint": False}
+                     accumulation: int, grad_clip: float, bf16: bool, d_model: int) -> dict:
+    """The DeepSpeed config of one run: batch sizes per dp rank, clipping, ZeRO stage and offload.
+
+    Communication buckets scale with the model as the Hugging Face integration's ``auto`` values do
+    (``d_model^2`` elements per reduce bucket, 0.9 of that per ZeRO-3 prefetch, parameters under ``10 d_model``
+    elements kept whole): DeepSpeed's fixed defaults (5e8 elements) would allocate 2 GB of buckets for any
+    model."""
+    bucket = d_model * d_model
+    zero: dict = {"stage": zero_stage, "elastic_checkpoint": False, "reduce_bucket_size": bucket,
+                  "allgather_bucket_size": bucket}
+    if zero_stage == 3:
+        zero.update({"stage3_prefetch_bucket_size": int(0.9 * bucket),
+                     "stage3_param_persistence_threshold": 10 * d_model})
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if offload_params:

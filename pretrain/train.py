@@ -110,7 +110,7 @@ def deepspeed_optimizer(cfg: Config, model: ParallelModel, local_batch: int, bf1
 
     ds, t, o = cfg.parallel.deepspeed, cfg.train, cfg.optim
     config = deepspeed_config(ds.zero_stage, ds.offload_optimizer, ds.offload_params, t.micro_batch,
-                              local_batch // t.micro_batch, o.grad_clip, bf16)
+                              local_batch // t.micro_batch, o.grad_clip, bf16, cfg.model.d_model)
     runner = DeepSpeedRunner(model, model.param_groups(o.weight_decay), tuple(o.betas), o.eps, config)
     return DeepSpeedOptimizer(runner)
 
