@@ -1,4 +1,4 @@
-"""``parallel.engine: deepspeed``: ZeRO-1/2/3 at dp=2, and ZeRO with tensor parallelism at dp=2 x tp=2, follow the
+"""``parallel.engine: deepspeed``: ZeRO-1 and 3 at dp=2, and ZeRO-2 with tensor parallelism at dp=2 x tp=2, follow the
 single-process native AdamW curve; checkpoints resume exactly and their weights load anywhere."""
 
 import pytest
@@ -33,7 +33,8 @@ def _follows(native, run, steps=range(1, 21)):
 
 
 def test_zero_stages_follow_native_adamw_and_resume_exactly(native, tiny_store, tmp_path):
-    runs = [f"{STRUCTURE}@z1", f"{STRUCTURE}@z2", f"{STRUCTURE}@z3"]
+    # ZeRO-2 runs with tensor parallelism below
+    runs = [f"{STRUCTURE}@z1", f"{STRUCTURE}@z3"]
     torchrun(2, tmp_path, runs, [*tiny(tiny_store), *topology(2, 1, 1)])
     for run in runs:
         _follows(native, tmp_path / run)
