@@ -179,6 +179,19 @@ class TrainConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed engine's memory settings (``parallel.engine: deepspeed``; AdamW, pp = 1)."""
+
+    zero_stage: Literal[1, 2, 3] = 2
+    """ZeRO stage over the data-parallel group: 1 shards the optimizer state, 2 also the gradients, 3 also the
+    parameters."""
+    offload_optimizer: bool = False
+    """Keep the optimizer state (and its step) on CPU."""
+    offload_params: bool = False
+    """Keep the parameters on CPU between uses (ZeRO-3 only)."""
+
+
+@dataclass
 class ParallelConfig:
     """Topology: data x tensor x pipeline parallel degrees. Their product must equal the world size."""
 
@@ -192,6 +205,11 @@ class ParallelConfig:
     """torch.distributed.pipelining schedule; interleaved_1f1b and zero_bubble use ``virtual_stages``."""
     virtual_stages: int = 1
     """Stages per pipeline rank (interleaved schedules); n_layers must divide by pp * virtual_stages."""
+    engine: Literal["native", "deepspeed"] = "native"
+    """``native``: torch.distributed (block-wise ZeRO-1 optimizers, any dp x tp x pp). ``deepspeed``: DeepSpeed's
+    ZeRO-1/2/3 and CPU offload over the dp group for AdamW, with our tensor parallelism (pp = 1)."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """Settings of ``engine: deepspeed``."""
     sequence_parallel: bool = False
     """Megatron's sequence parallelism: the norms and the residual stream between tensor-parallel regions are
     split along the sequence over the tp group (all-gather / reduce-scatter at the borders instead of the
@@ -333,6 +351,20 @@ class Config:
                               f"interleaved_1f1b or zero_bubble, not {par.pp_schedule!r}")
         if d.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if par.engine == "deepspeed":
+            native = "use parallel.engine=native"
+            if par.pp > 1:
+                raise ConfigError(f"parallel.engine=deepspeed runs with parallel.pp=1 (pipeline parallelism is the "
+                                  f"native engine's); got parallel.pp={par.pp}: {native}")
+            if self.optim.name != "adamw":
+                raise ConfigError(f"parallel.engine=deepspeed takes optim.name=adamw; {self.optim.name} updates whole "
+                                  f"matrices, which ZeRO flattens and shards: {native}")
+            if self.sparsity.rules:
+                raise ConfigError(f"parallel.engine=deepspeed does not run sparsity.rules (masks and schedules need "
+                                  f"whole gradients after accumulation): {native}")
+            if par.deepspeed.offload_params and par.deepspeed.zero_stage != 3:
+                raise ConfigError(f"parallel.deepspeed.offload_params=true needs parallel.deepspeed.zero_stage=3, "
+                                  f"not {par.deepspeed.zero_stage}")
         if par.sequence_parallel and d.seq_len % par.tp:
             raise ConfigError(f"parallel.sequence_parallel=true splits data.seq_len={d.seq_len} over "
                               f"parallel.tp={par.tp} ranks; set data.seq_len to a multiple of {par.tp}")

@@ -104,6 +104,17 @@ def build_parallel(cfg: Config, dims: ParallelDims, device: torch.device, local_
     return parallel, plain.num_params(counts=init.counts), plain.flops_per_token(cfg.data.seq_len, counts=init.counts)
 
 
+def deepspeed_optimizer(cfg: Config, model: ParallelModel, local_batch: int, bf16: bool):
+    """``parallel.engine: deepspeed``: DeepSpeed's engine around the model, behind the optimizer interface."""
+    from parallel.deepspeed import DeepSpeedOptimizer, DeepSpeedRunner, deepspeed_config
+
+    ds, t, o = cfg.parallel.deepspeed, cfg.train, cfg.optim
+    config = deepspeed_config(ds.zero_stage, ds.offload_optimizer, ds.offload_params, t.micro_batch,
+                              local_batch // t.micro_batch, o.grad_clip, bf16, cfg.model.d_model)
+    runner = DeepSpeedRunner(model, model.param_groups(o.weight_decay), tuple(o.betas), o.eps, config)
+    return DeepSpeedOptimizer(runner)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is available; allowed here: auto, cpu")
@@ -154,9 +165,15 @@ class Trainer:
         t = cfg.train
         self.local_batch = t.global_batch // par.dp
         self.model, self.full_params, self.flops = build_parallel(cfg, self.dims, self.device, self.local_batch)
-        self.optimizer = build_optimizer(cfg.optim, self.model.named_parameters(),
-                                         self.model.param_groups(cfg.optim.weight_decay), self.model.dp_group,
-                                         self.model.tp_group, self.model.pp_group, self.model.placements)
+        precision = t.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        if par.engine == "deepspeed":
+            self.optimizer = deepspeed_optimizer(cfg, self.model, self.local_batch, precision == "bf16")
+        else:
+            self.optimizer = build_optimizer(cfg.optim, self.model.named_parameters(),
+                                             self.model.param_groups(cfg.optim.weight_decay), self.model.dp_group,
+                                             self.model.tp_group, self.model.pp_group, self.model.placements)
         self.sparsity = None
         if cfg.sparsity.rules:
             self.sparsity = SparsitySchedule(cfg.sparsity.rules, t.steps, self.model.structured_layers(),
@@ -167,16 +184,13 @@ class Trainer:
         view = GlobalView(self.dims.submesh("tp"))
         self.state: dict[str, Stateful] = {
             "model": ModelState(self.model.named_tensors(), self.model.placements, view),
-            "optim": OptimizerState(self.optimizer, self.model.placements, view),
+            "optim": self._optimizer_state(view),
             "progress": self.progress,
             "rng": RNGState(),
             **({"sparsity": self.sparsity} if self.sparsity is not None else {}),
         }
         """Everything a checkpoint holds, by part; a new kind of training state is one more entry."""
         self._resume()
-        precision = t.precision
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if precision == "bf16"
                          else contextlib.nullcontext())
         self._stop_signal = False
@@ -224,7 +238,8 @@ class Trainer:
                 self._convert(0, step - 1)
             self._free_guides(self.sparsity.guides_done(step))
             parts.update({k: self.state[k] for k in parts if k in ("model", "optim")})
-        self.ckpt.load(path, parts)
+        with self._whole_parameters():
+            self.ckpt.load(path, parts)
         if self.rank == 0:
             print(f"resumed from {path} at step {self.step} ({self.consumed:,} samples consumed; written at "
                   f"{meta.get('topology', {})})", file=sys.stderr)
@@ -274,7 +289,7 @@ class Trainer:
         """Point the checkpointed model and optimizer parts at the current parameters (after a layer change)."""
         view = GlobalView(self.dims.submesh("tp"))
         self.state["model"] = ModelState(self.model.named_tensors(), self.model.placements, view)
-        self.state["optim"] = OptimizerState(self.optimizer, self.model.placements, view)
+        self.state["optim"] = self._optimizer_state(view)
 
     def _free_guides(self, names: list[str]) -> None:
         """Drop the self-guided dense paths of ``names`` (their weight reached 0): from the layers, the optimizer
@@ -288,6 +303,13 @@ class Trainer:
         self.model.refresh_parameters()
         self._rebuild_state()
 
+    def _optimizer_state(self, view: GlobalView) -> Stateful:
+        if self.cfg.parallel.engine == "deepspeed":
+            from parallel.deepspeed import DeepSpeedOptimizerState
+
+            return DeepSpeedOptimizerState(self.optimizer)
+        return OptimizerState(self.optimizer, self.model.placements, view)
+
     def _check_optimizer_checkpoint(self, meta: dict, path: Path) -> None:
         """Refuse optimizer state that cannot load into this run, before any collective starts."""
         saved = meta["config"]["optim"]["name"]
@@ -295,7 +317,18 @@ class Trainer:
             raise CheckpointError(f"{path} holds {saved} optimizer state but optim.name={self.cfg.optim.name}; "
                                   f"set optim.name={saved}, or checkpoint.load_optimizer=false to start a fresh "
                                   "optimizer from the checkpoint's weights")
-        tp = meta.get("topology", {}).get("tp", 1)
+        saved_engine = meta["config"].get("parallel", {}).get("engine", "native")
+        engine = self.cfg.parallel.engine
+        topology = meta.get("topology", {})
+        if saved_engine != engine or (engine == "deepspeed" and (topology.get("dp"), topology.get("tp")) !=
+                                      (self.dims.dp, self.dims.tp)):
+            raise CheckpointError(f"{path} holds {saved_engine}-engine optimizer state written at "
+                                  f"dp={topology.get('dp')} tp={topology.get('tp')}; this run is "
+                                  f"parallel.engine={engine} at dp={self.dims.dp} tp={self.dims.tp}. "
+                                  "DeepSpeed's ZeRO partitions resume at their own engine and "
+                                  "topology only: resume there, or set checkpoint.load_optimizer=false (the weights "
+                                  "load at any topology and engine)")
+        tp = topology.get("tp", 1)
         if tp != self.dims.tp and not self.optimizer.tp_reshardable:
             raise CheckpointError(f"{path} was written at parallel.tp={tp}; {saved} keeps per-shard state that "
                                   f"does not reshard to parallel.tp={self.dims.tp}. Resume at parallel.tp={tp} "
@@ -313,6 +346,11 @@ class Trainer:
         start = self.progress.consumed_samples + self.model.dp_rank * self.local_batch
         ahead = start + self.cfg.train.global_batch if self.progress.step + 1 < self.cfg.train.steps else None
         x, y = self.loader.batch(start, self.local_batch, ahead)
+        if self.cfg.parallel.engine == "deepspeed":  # ZeRO's reduce, clip and step
+            local, norm = self.optimizer.train_batch(x, y, self.autocast)
+            self.progress.consumed_samples += self.cfg.train.global_batch
+            self.progress.step += 1
+            return self.model.global_mean(local), norm
         local = self.model.forward_backward(x, y, self.autocast)
         for layer in self.model.structured_layers().values():  # once per step, after the last micro-batch
             layer.regularize_grad()
@@ -336,7 +374,13 @@ class Trainer:
         topology = {"dp": self.dims.dp, "tp": self.dims.tp, "pp": self.dims.pp}
         meta = {"consumed_samples": self.consumed, "config": to_dict(self.cfg), "topology": topology}
         files = {"config.yaml": dump_config(self.cfg), **tokenizer_files(self.corpus)}
-        return self.ckpt.save(self.step, self.state, meta, files)
+        with self._whole_parameters():
+            return self.ckpt.save(self.step, self.state, meta, files)
+
+    def _whole_parameters(self):
+        """Every parameter whole on every rank while a checkpoint reads or writes the model (ZeRO-3 shards them)."""
+        gathered = getattr(self.optimizer, "gathered", None)
+        return gathered() if gathered is not None else contextlib.nullcontext()
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = True

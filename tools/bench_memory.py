@@ -19,6 +19,10 @@ torchrun with tp x pp gloo processes (OMP_NUM_THREADS=1).
   under ``train.activation_checkpointing`` none, full and selective: the peak of activation memory (tensors the
   forward keeps) and of the step above the weights, with the step time, each as a ratio to none.
 - ``sequence``: the same step at tp=2 with and without ``parallel.sequence_parallel`` (per rank).
+- ``engines``: at dp=2, the native engine's AdamW (block-wise ZeRO-1) against DeepSpeed's ZeRO-1, 2 and 3 and
+  ZeRO-3 with parameters and optimizer state offloaded: the bytes a rank keeps after a step (parameters,
+  gradients, optimizer state) and its peak while building and stepping, on the training device (here CPU, so
+  offloading moves nothing off the device; on a GPU it does).
 """
 
 import argparse
@@ -30,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-TABLES = ("startup", "activations", "sequence")
+TABLES = ("startup", "activations", "sequence", "engines")
 MiB = 2**20
 
 
@@ -90,6 +94,37 @@ def _worker(args, kind: str, out: str) -> None:
             del model
         meta = build_meta(cfg.model)
         result["model"] = sum(t.numel() * t.element_size() for t in [*meta.parameters(), *meta.buffers()])
+    elif kind == "engines":
+        from pretrain.optim import build_optimizer
+        from pretrain.train import deepspeed_optimizer
+
+        variants = [("native", {}), *((f"zero{k}", {"parallel.engine": "deepspeed", "parallel.deepspeed.zero_stage": k})
+                                      for k in (1, 2, 3)),
+                    ("zero3+offload", {"parallel.engine": "deepspeed", "parallel.deepspeed.zero_stage": 3,
+                                       "parallel.deepspeed.offload_optimizer": "true",
+                                       "parallel.deepspeed.offload_params": "true"})]
+        for name, extra in variants:
+            cfg = load_config(args.config, _overrides(args, 1, 1, **{"parallel.dp": 2, "train.global_batch":
+                                                                     2 * args.micro_batch}, **extra))
+            dims = ParallelDims(2, 1, 1)
+            dims.build_mesh("cpu")
+            tracker = MemTracker()
+            with tracker:
+                model, *_ = build_parallel(cfg, dims, torch.device("cpu"), args.micro_batch)
+                gen = torch.Generator().manual_seed(0)
+                x = torch.randint(0, args.vocab_size, (args.micro_batch, args.seq_len), generator=gen)
+                if cfg.parallel.engine == "deepspeed":
+                    opt = deepspeed_optimizer(cfg, model, args.micro_batch, False)
+                    opt.train_batch(x, x, torch.autocast("cpu", enabled=False))
+                else:
+                    opt = build_optimizer(cfg.optim, model.named_parameters(), model.param_groups(0.1),
+                                          model.dp_group, None, None, model.placements)
+                    model.forward_backward(x, x, torch.autocast("cpu", enabled=False))
+                    model.reduce_and_clip(1.0, opt.owners)
+                    opt.step()
+                kept = _peak(tracker, "current")
+            result[name] = {"kept": kept, "peak": _peak(tracker)}
+            del model, opt
     else:
         variants = {"activations": [("none", {}), ("full", {"train.activation_checkpointing": "full"}),
                                     ("selective", {"train.activation_checkpointing": "selective"})],
@@ -173,6 +208,19 @@ def _steps(args, argv, kind: str, tmp) -> None:
               f"{v['step'] / base['step']:.2f} | {v['s']:.2f} | {v['s'] / base['s']:.2f} |", flush=True)
 
 
+def _engines(args, argv, tmp) -> None:
+    ranks = _launch(args, argv, "engines", 2, tmp)
+    print(f"\nengines at dp=2 (the larger rank), after one AdamW step of {args.micro_batch} x {args.seq_len} tokens; "
+          "MiB\n")
+    print("| engine | kept after the step | x native | peak | x native |")
+    print("|---|---|---|---|---|")
+    base = {k: max(r["native"][k] for r in ranks) for k in ("kept", "peak")}
+    for name in ranks[0]:
+        v = {k: max(r[name][k] for r in ranks) for k in ("kept", "peak")}
+        print(f"| {name} | {v['kept'] / MiB:,.0f} | {v['kept'] / base['kept']:.2f} | {v['peak'] / MiB:,.0f} | "
+              f"{v['peak'] / base['peak']:.2f} |", flush=True)
+
+
 def _plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
@@ -218,6 +266,8 @@ def main(argv=None) -> int:
         for kind in ("activations", "sequence"):
             if kind in tables:
                 _steps(args, worker_argv, kind, tmp)
+        if "engines" in tables:
+            _engines(args, worker_argv, tmp)
     if args.plot and rows:
         _plot(rows, args.plot)
     return 0

@@ -61,3 +61,32 @@ def test_gpu_check_dry_run_prints_every_step():
     assert not (ROOT / "runs" / "gpu-check").exists()
     bad = run(["bash", "tools/gpu_check.sh", "--steps", "many"])
     assert bad.returncode == 2 and "--steps many" in bad.stderr
+
+
+def test_deepspeed_dry_run_prints_single_and_multi_node_commands(tmp_path):
+    out = run(["bash", "launch/deepspeed.sh", "--dry-run", "--config", "configs/tiny-cpu.yaml", "--set",
+               "parallel.dp=2"], NPROC="2")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("OMP_NUM_THREADS=1 deepspeed --num_gpus 2 --no_local_rank --module pretrain.train "
+                                  "--config configs/tiny-cpu.yaml --set parallel.dp=2 --set parallel.engine=deepspeed")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node1 slots=8\nnode2 slots=8\n")
+    out = run(["bash", "launch/deepspeed.sh", "--dry-run", "--config", "configs/gpt2-small-blast.yaml"],
+              HOSTFILE=str(hosts), EXCLUDE="node2:7", NNODES="2", MASTER_ADDR="node1", MASTER_PORT="29600")
+    assert out.returncode == 0, out.stderr
+    assert (f"deepspeed --hostfile {hosts} --exclude node2:7 --num_nodes 2 --master_addr node1 --master_port 29600 "
+            "--no_local_rank --module pretrain.train --config configs/gpt2-small-blast.yaml") in out.stdout
+    bad = run(["bash", "launch/deepspeed.sh", "--dry-run"], INCLUDE="node1:0")
+    assert bad.returncode == 2 and "set HOSTFILE too" in bad.stderr
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_deepspeed_launcher_trains_with_zero(tiny_store, tmp_path):
+    pytest.importorskip("deepspeed")
+    over = [o for o in tiny_overrides(tiny_store, tmp_path / "run", **{"train.steps": 3, "train.eval_interval": 3})]
+    args = [x for o in over for x in ("--set", o)]
+    out = run(["bash", "launch/deepspeed.sh", "--config", "configs/tiny-cpu.yaml", *args, "--set", "parallel.dp=2",
+               "--set", "parallel.deepspeed.zero_stage=3"], NPROC="2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "step_000003" / "manifest.json").exists()

@@ -17,7 +17,9 @@ STRUCTURES = {kind: example_spec(kind).flow() for kind in ("dense", "lowrank", "
 VARIANTS = {"ckpt-full": ["train.activation_checkpointing=full"],
             "ckpt-selective": ["train.activation_checkpointing=selective"],
             "sp": ["parallel.sequence_parallel=true"], "compile": ["train.compile=true"],
-            "aot": ["train.compile=true", "train.compile_backend=aot_eager"], "short": ["train.exit_after_steps=5"]}
+            "aot": ["train.compile=true", "train.compile_backend=aot_eager"], "short": ["train.exit_after_steps=5"],
+            **{f"z{k}": ["parallel.engine=deepspeed", f"parallel.deepspeed.zero_stage={k}"] for k in (1, 2, 3)},
+            "offload": ["parallel.deepspeed.offload_optimizer=true"]}
 """Extra overrides by label: a driver run named ``structure@label+label`` (e.g. ``blast@sp+ckpt-full``) adds them."""
 
 

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Launch pretrain.train with DeepSpeed's launcher and parallel.engine=deepspeed (ZeRO over the dp group).
+#
+# Usage:
+#   NPROC=2 bash launch/deepspeed.sh --config configs/tiny-cpu.yaml --set parallel.dp=2 --set parallel.deepspeed.zero_stage=3
+#   HOSTFILE=hosts bash launch/deepspeed.sh --config configs/gpt2-small-blast.yaml --set parallel.dp=16
+#   HOSTFILE=hosts INCLUDE="node1:0,1@node2" bash launch/deepspeed.sh ...     (or EXCLUDE="node1:3")
+#   bash launch/deepspeed.sh --dry-run ...      print the exact command instead of running it
+#
+# Environment: NPROC (processes per node, default: the GPUs, 1 without), HOSTFILE (multi-node: DeepSpeed's hostfile,
+# "host slots=N" per line; it reaches the other nodes over ssh), INCLUDE / EXCLUDE (DeepSpeed's host:slot filters,
+# with a hostfile), NNODES, MASTER_ADDR, MASTER_PORT. Every rank gets parallel.engine=deepspeed; the world size
+# must equal parallel.dp x parallel.tp (pp stays 1 with this engine).
+# On CPU use NPROC (DeepSpeed's --include localhost:0,1 needs GPUs, a hostfile needs ssh even for localhost).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dry=0
+if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
+[ "${DRY_RUN:-0}" = 1 ] && dry=1
+if [ -z "${NPROC:-}" ]; then
+  NPROC=$(python -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
+fi
+case "$NPROC" in ''|*[!0-9]*|0) echo "error: NPROC=$NPROC; expected a positive integer" >&2; exit 2 ;; esac
+if [ -n "${INCLUDE:-}${EXCLUDE:-}" ] && [ -z "${HOSTFILE:-}" ]; then
+  echo "error: INCLUDE/EXCLUDE filter a hostfile's slots; set HOSTFILE too" >&2; exit 2
+fi
+if [ -n "${HOSTFILE:-}" ] && [ ! -f "$HOSTFILE" ]; then
+  echo "error: HOSTFILE=$HOSTFILE: no such file" >&2; exit 2
+fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+cmd=(deepspeed)
+if [ -n "${HOSTFILE:-}" ]; then
+  cmd+=(--hostfile "$HOSTFILE")
+  [ -n "${INCLUDE:-}" ] && cmd+=(--include "$INCLUDE")
+  [ -n "${EXCLUDE:-}" ] && cmd+=(--exclude "$EXCLUDE")
+  [ -n "${NNODES:-}" ] && cmd+=(--num_nodes "$NNODES")
+else
+  cmd+=(--num_gpus "$NPROC")
+fi
+[ -n "${MASTER_ADDR:-}" ] && cmd+=(--master_addr "$MASTER_ADDR")
+[ -n "${MASTER_PORT:-}" ] && cmd+=(--master_port "$MASTER_PORT")
+cmd+=(--no_local_rank --module pretrain.train "$@" --set parallel.engine=deepspeed)
+if [ "$dry" = 1 ]; then
+  echo "OMP_NUM_THREADS=$OMP_NUM_THREADS $(printf '%q ' "${cmd[@]}")"
+  exit 0
+fi
+exec "${cmd[@]}"
