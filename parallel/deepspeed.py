@@ -169,8 +169,11 @@ class DeepSpeedOptimizer:
 
         import deepspeed
 
-        if self.runner.engine.zero_optimization_stage() < 3:
+        engine = self.runner.engine
+        if engine.zero_optimization_stage() < 3:
             return contextlib.nullcontext()
+        # an evaluation's forward (under no_grad) can leave parameters fetched or in flight: release them first
+        engine.empty_partition_cache()
         return deepspeed.zero.GatheredParameters(list(self.runner.engine.module.parameters()), modifier_rank=0)
 
 
