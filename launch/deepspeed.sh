@@ -14,12 +14,8 @@
 # On CPU use NPROC (DeepSpeed's --include localhost:0,1 needs GPUs, a hostfile needs ssh even for localhost).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-dry=0
-if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
-[ "${DRY_RUN:-0}" = 1 ] && dry=1
-if [ -z "${NPROC:-}" ]; then
-  NPROC=$(python -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
-fi
+# shellcheck source=launch/common.sh
+source launch/common.sh
 case "$NPROC" in ''|*[!0-9]*|0) echo "error: NPROC=$NPROC; expected a positive integer" >&2; exit 2 ;; esac
 if [ -n "${INCLUDE:-}${EXCLUDE:-}" ] && [ -z "${HOSTFILE:-}" ]; then
   echo "error: INCLUDE/EXCLUDE filter a hostfile's slots; set HOSTFILE too" >&2; exit 2
@@ -27,7 +23,6 @@ fi
 if [ -n "${HOSTFILE:-}" ] && [ ! -f "$HOSTFILE" ]; then
   echo "error: HOSTFILE=$HOSTFILE: no such file" >&2; exit 2
 fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 cmd=(deepspeed)
 if [ -n "${HOSTFILE:-}" ]; then
   cmd+=(--hostfile "$HOSTFILE")
