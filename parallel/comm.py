@@ -22,14 +22,17 @@ def _all_reduce(t: torch.Tensor, comm: "GroupComm") -> torch.Tensor:
     return out
 
 
-def _all_gather_last(t: torch.Tensor, comm: "GroupComm") -> torch.Tensor:
-    group = comm.group
-    size = dist.get_world_size(group)
+def _all_gather(t: torch.Tensor, comm: "GroupComm", dim: int) -> torch.Tensor:
+    """The group's tensors joined along ``dim`` in rank order (one all-gather)."""
+    size = comm.size
     flat = torch.empty(size * t.numel(), dtype=t.dtype, device=t.device)
     comm.count(flat, "all_gather")
-    dist.all_gather_into_tensor(flat, t.contiguous().view(-1), group=group)
-    parts = flat.view(size, *t.shape).movedim(0, -2)  # [..., size, n]
-    return parts.reshape(*t.shape[:-1], size * t.shape[-1])
+    dist.all_gather_into_tensor(flat, t.contiguous().view(-1), group=comm.group)
+    return flat.view(size, *t.shape).movedim(0, dim).flatten(dim, dim + 1)  # [..., size, n, ...] -> [..., size n]
+
+
+def _all_gather_last(t: torch.Tensor, comm: "GroupComm") -> torch.Tensor:
+    return _all_gather(t, comm, t.dim() - 1)
 
 
 def _slice_last(t: torch.Tensor, comm: "GroupComm") -> torch.Tensor:
@@ -47,12 +50,7 @@ def _all_to_all(t: torch.Tensor, comm: "GroupComm") -> torch.Tensor:
 
 def _gather_seq(t: torch.Tensor, comm: "GroupComm") -> torch.Tensor:
     """``[B, T/p, ...]`` -> ``[B, T, ...]``: the sequence shards of the group, in rank order."""
-    size = comm.size
-    flat = torch.empty(size * t.numel(), dtype=t.dtype, device=t.device)
-    comm.count(flat, "all_gather")
-    dist.all_gather_into_tensor(flat, t.contiguous().view(-1), group=comm.group)
-    parts = flat.view(size, *t.shape).movedim(0, 1)  # [B, p, T/p, ...]
-    return parts.reshape(t.shape[0], size * t.shape[1], *t.shape[2:])
+    return _all_gather(t, comm, 1)
 
 
 def _reduce_scatter_seq(t: torch.Tensor, comm: "GroupComm") -> torch.Tensor:
@@ -65,20 +63,23 @@ def _reduce_scatter_seq(t: torch.Tensor, comm: "GroupComm") -> torch.Tensor:
     return out
 
 
-def _features_to_seq(t: torch.Tensor, comm: "GroupComm") -> torch.Tensor:
-    """``[B, T/p, F]`` (a sequence shard) -> ``[B, T, F/p]`` (this rank's feature slice): one all-to-all."""
+def _exchange(t: torch.Tensor, comm: "GroupComm", split: int, join: int) -> torch.Tensor:
+    """Chunk ``i`` of dim ``split`` goes to rank ``i``; the received chunks are joined along dim ``join`` in rank
+    order (one all-to-all)."""
     size = comm.size
-    chunks = t.reshape(*t.shape[:2], size, t.shape[2] // size).movedim(2, 0)  # [p (dest), B, T/p, F/p]
-    got = _all_to_all(chunks, comm)  # [p (source: sequence shard), B, T/p, F/p]
-    return got.movedim(0, 1).reshape(t.shape[0], size * t.shape[1], t.shape[2] // size)
+    chunks = t.unflatten(split, (size, t.shape[split] // size)).movedim(split, 0)  # [p (dest), ...]
+    got = _all_to_all(chunks, comm)  # [p (source), ...]
+    return got.movedim(0, join).flatten(join, join + 1)
+
+
+def _features_to_seq(t: torch.Tensor, comm: "GroupComm") -> torch.Tensor:
+    """``[B, T/p, F]`` (a sequence shard) -> ``[B, T, F/p]`` (this rank's feature slice)."""
+    return _exchange(t, comm, split=2, join=1)
 
 
 def _seq_to_features(t: torch.Tensor, comm: "GroupComm") -> torch.Tensor:
     """``[B, T, F/p]`` -> ``[B, T/p, F]``: the inverse exchange of ``_features_to_seq``."""
-    size = comm.size
-    chunks = t.reshape(t.shape[0], size, t.shape[1] // size, t.shape[2]).movedim(1, 0)  # [p (dest), B, T/p, F/p]
-    got = _all_to_all(chunks, comm)  # [p (source: feature slice), B, T/p, F/p]
-    return got.movedim(0, 2).reshape(t.shape[0], t.shape[1] // size, size * t.shape[2])
+    return _exchange(t, comm, split=1, join=2)
 
 
 def ring_bytes(nbytes: int, size: int, kind: str) -> int:
