@@ -9,7 +9,7 @@ gradients (2) and the parameters (3) over dp, reduces gradients over dp and clip
 tp (a tensor-parallel shard is marked ``tensor_model_parallel``; a replicated tensor counts once).
 
 Gradients of replicated parameters that are partial sums over tp (``ParallelModel.partial``) are all-reduced
-over tp by a tensor hook, before DeepSpeed's own reduction sees them.
+over tp (``GroupComm.all_reduce_``) by a tensor hook, before DeepSpeed's own reduction sees them.
 """
 
 import torch
@@ -75,9 +75,13 @@ def deepspeed_config(zero_stage: int, offload_optimizer: bool, offload_params: b
             "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
 
 
-class DeepSpeedRunner:
-    """The DeepSpeed engine around this rank's (tensor-parallel, single-stage) model: one training step over the
-    rank's batch, the LR, the gradient norm, the optimizer state's size."""
+class DeepSpeedOptimizer:
+    """The DeepSpeed engine around this rank's (tensor-parallel, single-stage) model, behind the trainer's optimizer
+    interface (``param_groups`` for the LR schedule, ``state_bytes``, ``ownership``), plus ``train_batch``: one
+    training step over the rank's batch. Its state is checkpointed per rank (``DeepSpeedOptimizerState``)."""
+
+    tp_reshardable = False
+    owners: dict = {}
 
     def __init__(self, model: ParallelModel, param_groups: list[dict], betas: tuple[float, float], eps: float,
                  config: dict):
@@ -86,6 +90,7 @@ class DeepSpeedRunner:
         if model.pipeline is not None:
             raise ValueError("the DeepSpeed engine runs one pipeline stage (parallel.pp=1)")
         self.model = model
+        self.comm_stats = None
         module = model.stages[0]
         params = dict(module.named_parameters())
         for name, p in params.items():
@@ -94,21 +99,17 @@ class DeepSpeedRunner:
         if model.tp_comm is not None:
             for name in sorted(model.partial):
                 if name in params:
-                    params[name].register_hook(self._sum_over_tp)
+                    params[name].register_hook(lambda grad: model.tp_comm.all_reduce_(grad.clone()))
         groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in param_groups]
         optimizer = torch.optim.AdamW(groups, lr=0.0, betas=betas, eps=eps)
         self.micro_batch = config["train_micro_batch_size_per_gpu"]
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config,
-                                                                 mpu=MeshMPU(model.dims))
-
-    def _sum_over_tp(self, grad: torch.Tensor) -> torch.Tensor:
-        out = grad.clone()
-        dist.all_reduce(out, group=self.model.tp_group)
-        return out
+        self.engine, self.zero, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config,
+                                                            mpu=MeshMPU(model.dims))
+        """The engine and its ZeRO optimizer."""
 
     @property
     def param_groups(self) -> list[dict]:
-        return self.optimizer.param_groups
+        return self.zero.param_groups
 
     def train_batch(self, x: torch.Tensor, y: torch.Tensor, autocast) -> tuple[torch.Tensor, float]:
         """Forward and backward of this rank's batch in micro-batches, then the optimizer step (DeepSpeed steps
@@ -129,35 +130,12 @@ class DeepSpeedRunner:
     def state_bytes(self) -> int:
         """Optimizer-state bytes this rank holds (its ZeRO partition)."""
         seen, total = set(), 0
-        for state in self.optimizer.state.values() if hasattr(self.optimizer, "state") else []:
+        for state in self.zero.state.values() if hasattr(self.zero, "state") else []:
             for t in state.values():
                 if torch.is_tensor(t) and id(t) not in seen:
                     seen.add(id(t))
                     total += t.numel() * t.element_size()
         return total
-
-
-class DeepSpeedOptimizer:
-    """The DeepSpeed engine behind the trainer's optimizer interface (``param_groups`` for the LR schedule,
-    ``state_bytes``, ``ownership``) plus ``train_batch``; its state is checkpointed per rank
-    (``DeepSpeedOptimizerState``)."""
-
-    tp_reshardable = False
-    owners: dict = {}
-
-    def __init__(self, runner: DeepSpeedRunner):
-        self.runner = runner
-        self.comm_stats = None
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.runner.param_groups
-
-    def train_batch(self, x, y, autocast):
-        return self.runner.train_batch(x, y, autocast)
-
-    def state_bytes(self) -> int:
-        return self.runner.state_bytes()
 
     def ownership(self) -> dict:
         return {"imbalance": 1.0}  # ZeRO partitions every tensor evenly over dp
@@ -169,12 +147,11 @@ class DeepSpeedOptimizer:
 
         import deepspeed
 
-        engine = self.runner.engine
-        if engine.zero_optimization_stage() < 3:
+        if self.engine.zero_optimization_stage() < 3:
             return contextlib.nullcontext()
         # an evaluation's forward (under no_grad) can leave parameters fetched or in flight: release them first
-        engine.empty_partition_cache()
-        return deepspeed.zero.GatheredParameters(list(self.runner.engine.module.parameters()), modifier_rank=0)
+        self.engine.empty_partition_cache()
+        return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=0)
 
 
 class DeepSpeedOptimizerState:
@@ -190,7 +167,7 @@ class DeepSpeedOptimizerState:
         import io
 
         buf = io.BytesIO()
-        torch.save(self.optimizer.runner.optimizer.state_dict(), buf)
+        torch.save(self.optimizer.zero.state_dict(), buf)
         return {"zero": torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -198,8 +175,7 @@ class DeepSpeedOptimizerState:
 
         blob = state_dict["zero"].numpy().tobytes()
         state = torch.load(io.BytesIO(blob), weights_only=False)  # verified against the manifest first
-        runner = self.optimizer.runner
-        dp = runner.model.dims.dp
-        own = [None] * dp  # ZeRO reads the entry of this rank's dp index (the topology is checked before)
-        own[runner.model.dp_rank] = state
-        runner.optimizer.load_state_dict(own, load_optimizer_states=True, load_from_fp32_weights=True)
+        model = self.optimizer.model
+        own = [None] * model.dims.dp  # ZeRO reads the entry of this rank's dp index (the topology is checked before)
+        own[model.dp_rank] = state
+        self.optimizer.zero.load_state_dict(own, load_optimizer_states=True, load_from_fp32_weights=True)

@@ -106,13 +106,12 @@ def build_parallel(cfg: Config, dims: ParallelDims, device: torch.device, local_
 
 def deepspeed_optimizer(cfg: Config, model: ParallelModel, local_batch: int, bf16: bool):
     """``parallel.engine: deepspeed``: DeepSpeed's engine around the model, behind the optimizer interface."""
-    from parallel.deepspeed import DeepSpeedOptimizer, DeepSpeedRunner, deepspeed_config
+    from parallel.deepspeed import DeepSpeedOptimizer, deepspeed_config
 
     ds, t, o = cfg.parallel.deepspeed, cfg.train, cfg.optim
     config = deepspeed_config(ds.zero_stage, ds.offload_optimizer, ds.offload_params, t.micro_batch,
                               local_batch // t.micro_batch, o.grad_clip, bf16, cfg.model.d_model)
-    runner = DeepSpeedRunner(model, model.param_groups(o.weight_decay), tuple(o.betas), o.eps, config)
-    return DeepSpeedOptimizer(runner)
+    return DeepSpeedOptimizer(model, model.param_groups(o.weight_decay), tuple(o.betas), o.eps, config)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -348,15 +347,13 @@ class Trainer:
         x, y = self.loader.batch(start, self.local_batch, ahead)
         if self.cfg.parallel.engine == "deepspeed":  # ZeRO's reduce, clip and step
             local, norm = self.optimizer.train_batch(x, y, self.autocast)
-            self.progress.consumed_samples += self.cfg.train.global_batch
-            self.progress.step += 1
-            return self.model.global_mean(local), norm
-        local = self.model.forward_backward(x, y, self.autocast)
-        for layer in self.model.structured_layers().values():  # once per step, after the last micro-batch
-            layer.regularize_grad()
-        norm = self.model.reduce_and_clip(self.cfg.optim.grad_clip, self.optimizer.owners)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        else:
+            local = self.model.forward_backward(x, y, self.autocast)
+            for layer in self.model.structured_layers().values():  # once per step, after the last micro-batch
+                layer.regularize_grad()
+            norm = self.model.reduce_and_clip(self.cfg.optim.grad_clip, self.optimizer.owners)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.progress.consumed_samples += self.cfg.train.global_batch
         self.progress.step += 1
         if self.sparsity is not None:
