@@ -180,8 +180,6 @@ class GPT(nn.Module):
 
         ``tokens`` is ``[B, T]`` token ids, or hidden states ``[B, T, d]`` when this module has no embedding.
         """
-        if tokens.dim() == 2 and tokens.shape[1] > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {tokens.shape[1]} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # [B, T, d]
         for block in self.layers.values():
             h = block(h, self.rope_cos, self.rope_sin)  # attention takes the first T rows of the tables

@@ -65,7 +65,6 @@ class ShardedInit:
             for t in [*stage.parameters(), *stage.buffers()]:
                 if t.is_floating_point():
                     t.fill_(float("nan"))  # anything left unfilled is caught below
-            stage.init_fixed()
         gen = torch.Generator().manual_seed(self.seed)
         device = next(iter(stages.values())).rope_cos.device  # where the products will run (for executed FLOPs)
         rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
@@ -88,20 +87,18 @@ class ShardedInit:
                 rows, cols = unit.weight.shape
                 per = rows // size
                 keep = range(rank * per, (rank + 1) * per) if owners else range(0)
-                if owners:  # straight into the (single) stage that holds it
-                    normal_rows(rows, cols, std, gen, keep, out=owners[0].weight.data)
-                else:
-                    normal_rows(rows, cols, std, gen, keep)
+                # straight into the (single) stage that holds it; drawn and dropped by the others
+                normal_rows(rows, cols, std, gen, keep, out=owners[0].weight.data if owners else None)
         for stage in stages.values():
-            stage.init_fixed()  # ties the head to the embedding again after to_empty()
+            stage.init_fixed()  # RoPE, norms, and the tied head (to_empty() untied it)
             for key, t in stage.state_dict().items():
                 if t.is_floating_point() and torch.isnan(t.sum(dtype=torch.float64)):  # no tensor-sized temporary
                     raise InitError(f"sharded initialisation left {key} unset")
 
 
 def _holds(stage: GPT, name: str) -> bool:
-    try:
+    try:  # a deleted block, or an end a stage set to None, is not a submodule
         stage.get_submodule(name)
     except AttributeError:
         return False
-    return getattr(stage, name.split(".")[0]) is not None
+    return True
