@@ -198,27 +198,30 @@ def _steps(args, argv, kind: str, tmp) -> None:
     ranks = _launch(args, argv, kind, nproc, tmp)
     where = "tp=2, per rank (the larger)" if kind == "sequence" else "(1, 1, 1)"
     print(f"\n{kind}: one forward+backward of {args.micro_batch} x {args.seq_len} tokens at {where}; MiB\n")
-    print("| variant | activations | x first | step above weights | x first | step s | x first |")
-    print("|---|---|---|---|---|---|---|")
-    names = list(ranks[0])
-    base = {k: max(r[names[0]][k] for r in ranks) for k in ("act", "step", "s")}
-    for name in names:
-        v = {k: max(r[name][k] for r in ranks) for k in ("act", "step", "s")}
-        print(f"| {name} | {v['act'] / MiB:,.1f} | {v['act'] / base['act']:.2f} | {v['step'] / MiB:,.1f} | "
-              f"{v['step'] / base['step']:.2f} | {v['s']:.2f} | {v['s'] / base['s']:.2f} |", flush=True)
+    _ratio_table(ranks, "variant", "first", [("act", "activations", MiB, ",.1f"),
+                                             ("step", "step above weights", MiB, ",.1f"), ("s", "step s", 1, ".2f")])
 
 
 def _engines(args, argv, tmp) -> None:
     ranks = _launch(args, argv, "engines", 2, tmp)
     print(f"\nengines at dp=2 (the larger rank), after one AdamW step of {args.micro_batch} x {args.seq_len} tokens; "
           "MiB\n")
-    print("| engine | kept after the step | x native | peak | x native |")
-    print("|---|---|---|---|---|")
-    base = {k: max(r["native"][k] for r in ranks) for k in ("kept", "peak")}
-    for name in ranks[0]:
-        v = {k: max(r[name][k] for r in ranks) for k in ("kept", "peak")}
-        print(f"| {name} | {v['kept'] / MiB:,.0f} | {v['kept'] / base['kept']:.2f} | {v['peak'] / MiB:,.0f} | "
-              f"{v['peak'] / base['peak']:.2f} |", flush=True)
+    _ratio_table(ranks, "engine", "native", [("kept", "kept after the step", MiB, ",.0f"),
+                                             ("peak", "peak", MiB, ",.0f")])
+
+
+def _ratio_table(ranks: list[dict], label: str, base_name: str, columns: list[tuple[str, str, float, str]]) -> None:
+    """One row per variant (the first is the baseline, ``base_name``): each column's value, the largest over
+    ranks, scaled and formatted, then its ratio to the baseline's. ``columns``: (key, title, scale, format)."""
+    print(f"| {label} | " + " | ".join(f"{title} | x {base_name}" for _, title, _, _ in columns) + " |")
+    print("|---|" + "---|---|" * len(columns))
+    names = list(ranks[0])
+    worst = {name: {key: max(r[name][key] for r in ranks) for key, *_ in columns} for name in names}
+    base = worst[names[0]]
+    for name in names:
+        cells = [f"{worst[name][key] / scale:{fmt}} | {worst[name][key] / base[key]:.2f}"
+                 for key, _, scale, fmt in columns]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 def _plot(rows: list[dict], path: str) -> None:
