@@ -37,11 +37,13 @@ class _Couple(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gw):
         zb, s = ctx.saved_tensors
-        gz = gw[0] * s[0, :, None, :]  # [bj, M, r]
+        # under autocast z comes in bf16 and S is fp32: the forward promoted to w's dtype, the backward runs in it
+        zw, sw = zb.to(gw.dtype), s.to(gw.dtype)
+        gz = gw[0] * sw[0, :, None, :]  # [bj, M, r]
         for i in range(1, s.shape[0]):
-            gz.addcmul_(gw[i], s[i, :, None, :])
-        gs = torch.bmm(gw.permute(2, 0, 1).contiguous(), zb.permute(2, 1, 0).contiguous())  # [r, bi, bj]
-        return gz, gs.permute(1, 2, 0)
+            gz.addcmul_(gw[i], sw[i, :, None, :])
+        gs = torch.bmm(gw.permute(2, 0, 1).contiguous(), zw.permute(2, 1, 0).contiguous())  # [r, bi, bj]
+        return gz.to(zb.dtype), gs.permute(1, 2, 0).to(s.dtype)
 
 
 def blast_project(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,26 @@ def test_forward_and_gradients_match_dense_reference(spec, count, shape):
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("spec,count", CASES, ids=IDS)
+def test_bf16_autocast_forward_and_gradients_follow_fp32(spec, count):
+    """``train.precision=bf16``: fp32 parameters under autocast; outputs, input and parameter gradients in their
+    own dtypes and within bf16's precision of the fp32 run (no product may mix dtypes, forward or backward)."""
+    layer = make(spec, 64, 96).float()
+    x = torch.randn(4, 8, 64, generator=torch.Generator().manual_seed(1))
+    gy = torch.randn(4, 8, 96, generator=torch.Generator().manual_seed(2))
+    runs = []
+    for precision in ("fp32", "bf16"):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            y = layer(xi)
+        grads = torch.autograd.grad((y.float() * gy).sum(), [xi, *layer.parameters()])
+        assert all(g.dtype == torch.float32 for g in grads)
+        runs.append([y.float(), *grads])
+    for got, want in zip(runs[1], runs[0]):
+        scale = want.abs().max().item()
+        assert (got - want).abs().max().item() <= 0.05 * scale + 1e-6
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("spec,count", CASES, ids=IDS)
 def test_from_dense_round_trips_structured_matrices(spec, count, shape):
