@@ -137,6 +137,25 @@ class DeepSpeedOptimizer:
                     total += t.numel() * t.element_size()
         return total
 
+    def offloaded_bytes(self) -> int:
+        """Bytes this rank keeps on DeepSpeed's offload device (the host): with ``offload_optimizer`` its fp32
+        master partition, that partition's gradient and the optimizer state; with ``offload_params`` its parameter
+        partitions. On a GPU they are what offload takes off the device."""
+        def nbytes(t) -> int:
+            return t.numel() * t.element_size() if torch.is_tensor(t) else 0
+
+        def offloaded(cfg) -> bool:
+            return cfg is not None and str(getattr(cfg.device, "value", cfg.device)) == "cpu"
+
+        total = 0
+        if offloaded(self.engine.zero_offload_optimizer()):
+            masters = (getattr(self.zero, "fp32_partitioned_groups_flat", None)
+                       or getattr(self.zero, "single_partition_of_fp32_groups", []))
+            total += self.state_bytes() + sum(nbytes(m) + nbytes(m.grad) for m in masters)
+        if offloaded(self.engine.zero_offload_param()):
+            total += sum(nbytes(getattr(p, "ds_tensor", None)) for p in self.engine.module.parameters())
+        return total
+
     def ownership(self) -> dict:
         return {"imbalance": 1.0}  # ZeRO partitions every tensor evenly over dp
 

@@ -19,10 +19,11 @@ torchrun with tp x pp gloo processes (OMP_NUM_THREADS=1).
   under ``train.activation_checkpointing`` none, full and selective: the peak of activation memory (tensors the
   forward keeps) and of the step above the weights, with the step time, each as a ratio to none.
 - ``sequence``: the same step at tp=2 with and without ``parallel.sequence_parallel`` (per rank).
-- ``engines``: at dp=2, the native engine's AdamW (block-wise ZeRO-1) against DeepSpeed's ZeRO-1, 2 and 3 and
-  ZeRO-3 with parameters and optimizer state offloaded: the bytes a rank keeps after a step (parameters,
-  gradients, optimizer state) and its peak while building and stepping, on the training device (here CPU, so
-  offloading moves nothing off the device; on a GPU it does).
+- ``engines``: at each ``--engine-dp`` and ``--engine-precisions``, the native engine's AdamW (block-wise
+  ZeRO-1) against DeepSpeed's ZeRO-1, 2 and 3, ZeRO-2 with the optimizer offloaded and ZeRO-3 with parameters and
+  optimizer offloaded: the bytes a rank keeps after a step (parameters, gradients, optimizer state), the part of
+  them left on the training device when what DeepSpeed offloads goes to the host (computed here, where the device
+  is the host; measured on a GPU), and its peak while building and stepping.
 """
 
 import argparse
@@ -35,6 +36,12 @@ import time
 from pathlib import Path
 
 TABLES = ("startup", "activations", "sequence", "engines")
+_DS = {"parallel.engine": "deepspeed"}
+ENGINES = {"native": {}, **{f"zero{k}": {**_DS, "parallel.deepspeed.zero_stage": k} for k in (1, 2, 3)},
+           "zero2+offload": {**_DS, "parallel.deepspeed.zero_stage": 2, "parallel.deepspeed.offload_optimizer": "true"},
+           "zero3+offload": {**_DS, "parallel.deepspeed.zero_stage": 3, "parallel.deepspeed.offload_optimizer": "true",
+                             "parallel.deepspeed.offload_params": "true"}}
+"""The engines table's rows: the native AdamW (block-wise ZeRO-1) and DeepSpeed's stages, with offload."""
 MiB = 2**20
 
 
@@ -46,6 +53,8 @@ def parse_args(argv=None):
     ap.add_argument("--topologies", default="1x1,2x1,4x1,1x2,1x4,2x2", help="TPxPP list for the start-up table")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--engine-dp", default="2,4", help="data-parallel sizes of the engines table")
+    ap.add_argument("--engine-precisions", default="fp32,bf16", help="train.precision values of the engines table")
     ap.add_argument("--plot", help="PNG of the start-up table (peak per rank against tp x pp)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="more config overrides")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "OUT"), help=argparse.SUPPRESS)
@@ -94,19 +103,17 @@ def _worker(args, kind: str, out: str) -> None:
             del model
         meta = build_meta(cfg.model)
         result["model"] = sum(t.numel() * t.element_size() for t in [*meta.parameters(), *meta.buffers()])
-    elif kind == "engines":
+    elif kind.startswith("engines"):
         from pretrain.optim import build_optimizer
         from pretrain.train import deepspeed_optimizer
 
-        variants = [("native", {}), *((f"zero{k}", {"parallel.engine": "deepspeed", "parallel.deepspeed.zero_stage": k})
-                                      for k in (1, 2, 3)),
-                    ("zero3+offload", {"parallel.engine": "deepspeed", "parallel.deepspeed.zero_stage": 3,
-                                       "parallel.deepspeed.offload_optimizer": "true",
-                                       "parallel.deepspeed.offload_params": "true"})]
-        for name, extra in variants:
-            cfg = load_config(args.config, _overrides(args, 1, 1, **{"parallel.dp": 2, "train.global_batch":
-                                                                     2 * args.micro_batch}, **extra))
-            dims = ParallelDims(2, 1, 1)
+        dp, precision = int(kind.split(":")[1]), kind.split(":")[2]
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+        for name, extra in ENGINES.items():
+            cfg = load_config(args.config, _overrides(args, 1, 1, **{"parallel.dp": dp, "train.precision": precision,
+                                                                     "train.global_batch": dp * args.micro_batch},
+                                                      **extra))
+            dims = ParallelDims(dp, 1, 1)
             dims.build_mesh("cpu")
             tracker = MemTracker()
             with tracker:
@@ -114,16 +121,18 @@ def _worker(args, kind: str, out: str) -> None:
                 gen = torch.Generator().manual_seed(0)
                 x = torch.randint(0, args.vocab_size, (args.micro_batch, args.seq_len), generator=gen)
                 if cfg.parallel.engine == "deepspeed":
-                    opt = deepspeed_optimizer(cfg, model, args.micro_batch, False)
-                    opt.train_batch(x, x, torch.autocast("cpu", enabled=False))
+                    opt = deepspeed_optimizer(cfg, model, args.micro_batch, precision == "bf16")
+                    opt.train_batch(x, x, autocast)
+                    offloaded = opt.offloaded_bytes()
                 else:
                     opt = build_optimizer(cfg.optim, model.named_parameters(), model.param_groups(0.1),
                                           model.dp_group, None, None, model.placements)
-                    model.forward_backward(x, x, torch.autocast("cpu", enabled=False))
+                    model.forward_backward(x, x, autocast)
                     model.reduce_and_clip(1.0, opt.owners)
                     opt.step()
+                    offloaded = 0
                 kept = _peak(tracker, "current")
-            result[name] = {"kept": kept, "peak": _peak(tracker)}
+            result[name] = {"kept": kept, "peak": _peak(tracker), "device": kept - offloaded}
             del model, opt
     else:
         variants = {"activations": [("none", {}), ("full", {"train.activation_checkpointing": "full"}),
@@ -203,11 +212,14 @@ def _steps(args, argv, kind: str, tmp) -> None:
 
 
 def _engines(args, argv, tmp) -> None:
-    ranks = _launch(args, argv, "engines", 2, tmp)
-    print(f"\nengines at dp=2 (the larger rank), after one AdamW step of {args.micro_batch} x {args.seq_len} tokens; "
-          "MiB\n")
-    _ratio_table(ranks, "engine", "native", [("kept", "kept after the step", MiB, ",.0f"),
-                                             ("peak", "peak", MiB, ",.0f")])
+    for dp in (int(v) for v in args.engine_dp.split(",")):
+        for precision in args.engine_precisions.split(","):
+            ranks = _launch(args, argv, f"engines:{dp}:{precision}", dp, tmp)
+            print(f"\nengines at dp={dp}, {precision} (the largest rank), after one AdamW step of {args.micro_batch} x "
+                  f"{args.seq_len} tokens; MiB. 'on the device' is what stays when offloaded bytes leave (on a GPU)\n")
+            _ratio_table(ranks, "engine", "native", [("kept", "kept after the step", MiB, ",.0f"),
+                                                     ("device", "on the device", MiB, ",.0f"),
+                                                     ("peak", "peak", MiB, ",.0f")])
 
 
 def _ratio_table(ranks: list[dict], label: str, base_name: str, columns: list[tuple[str, str, float, str]]) -> None:
@@ -252,16 +264,20 @@ def main(argv=None) -> int:
         _worker(args, *args.worker)
         return 0
     tables = args.tables.split(",")
-    bad = [t for t in tables if t not in TABLES]
-    topologies = args.topologies.split(",")
-    bad_topo = [t for t in topologies if not (len(t.split("x")) == 2 and all(v.isdigit() and int(v) > 0
-                                                                            for v in t.split("x")))]
-    if bad or bad_topo:
-        print(f"error: --tables {bad} (allowed: {list(TABLES)}) / --topologies {bad_topo} (TPxPP, e.g. 2x1)"
-              if bad or bad_topo else "", file=sys.stderr)
-        return 2
+    errors = []
+    if any(t not in TABLES for t in tables):
+        errors.append(f"--tables {args.tables}: allowed values {list(TABLES)}")
+    if not all(len(t.split("x")) == 2 and all(v.isdigit() and int(v) > 0 for v in t.split("x"))
+               for t in args.topologies.split(",")):
+        errors.append(f"--topologies {args.topologies}: a comma list of TPxPP, e.g. 1x1,2x1")
+    if not all(v.isdigit() and int(v) > 0 for v in args.engine_dp.split(",")):
+        errors.append(f"--engine-dp {args.engine_dp}: a comma list of positive integers, e.g. 2,4")
+    if any(v not in ("fp32", "bf16") for v in args.engine_precisions.split(",")):
+        errors.append(f"--engine-precisions {args.engine_precisions}: allowed values ['fp32', 'bf16']")
     if not Path(args.config).is_file():
-        print(f"error: --config {args.config}: no such file", file=sys.stderr)
+        errors.append(f"--config {args.config}: no such file")
+    if errors:
+        print("\n".join(f"error: {e}" for e in errors), file=sys.stderr)
         return 2
     worker_argv = [a for a in argv if a != "--plot" and not a.endswith(".png")]
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
