@@ -19,7 +19,7 @@ VARIANTS = {"ckpt-full": ["train.activation_checkpointing=full"],
             "sp": ["parallel.sequence_parallel=true"], "compile": ["train.compile=true"],
             "aot": ["train.compile=true", "train.compile_backend=aot_eager"], "short": ["train.exit_after_steps=5"],
             **{f"z{k}": ["parallel.engine=deepspeed", f"parallel.deepspeed.zero_stage={k}"] for k in (1, 2, 3)},
-            "offload": ["parallel.deepspeed.offload_optimizer=true"]}
+            "offload": ["parallel.deepspeed.offload_optimizer=true"], "bf16": ["train.precision=bf16"]}
 """Extra overrides by label: a driver run named ``structure@label+label`` (e.g. ``blast@sp+ckpt-full``) adds them."""
 
 

@@ -1,5 +1,6 @@
-"""``parallel.engine: deepspeed``: ZeRO-1 and 3 at dp=2, and ZeRO-2 with tensor parallelism at dp=2 x tp=2, follow the
-single-process native AdamW curve; checkpoints resume exactly and their weights load anywhere."""
+"""``parallel.engine: deepspeed``: ZeRO-1, 2 and 3 at dp=2, and ZeRO-2 with tensor parallelism at dp=2 x tp=2,
+follow the single-process native AdamW curve, also with activation checkpointing, compiled blocks, sequence
+parallelism and bf16; checkpoints resume exactly and their weights load anywhere."""
 
 import pytest
 
@@ -23,21 +24,26 @@ def native(tiny_store, tmp_path_factory):
     return out
 
 
-def _follows(native, run, steps=range(1, 21)):
+def _follows(native, run, steps=range(1, 21), tol=TOL):
     got = losses(run)
     assert sorted(got) == list(steps), sorted(got)
     diff = max_rel_diff(losses(native), got, steps)
-    assert diff < TOL, f"{run.name}: max relative loss difference {diff:.2e}"
-    val = losses(run, "val/loss")
-    assert max_rel_diff(losses(native, "val/loss"), val, sorted(val)) < TOL
+    assert diff < tol, f"{run.name}: max relative loss difference {diff:.2e}"
+    val = losses(run, "val/loss")  # a short run may stop before its first evaluation
+    assert not val or max_rel_diff(losses(native, "val/loss"), val, sorted(val)) < tol
 
 
 def test_zero_stages_follow_native_adamw_and_resume_exactly(native, tiny_store, tmp_path):
-    # ZeRO-2 runs with tensor parallelism below
-    runs = [f"{STRUCTURE}@z1", f"{STRUCTURE}@z3"]
-    torchrun(2, tmp_path, runs, [*tiny(tiny_store), *topology(2, 1, 1)])
+    # 20 steps of each stage (ZeRO-2 with selective checkpointing), then 5 steps of ZeRO-3 with blocks compiled
+    # (aot_eager: dynamo through DeepSpeed's parameter hooks) and of ZeRO-3 in bf16 (DeepSpeed's bf16 parameters and
+    # fp32 master partition against native fp32: measured 1.8e-4, against native bf16 1.4e-4)
+    runs = [f"{STRUCTURE}@z1", f"{STRUCTURE}@z2+ckpt-selective", f"{STRUCTURE}@z3"]
+    short = {f"{STRUCTURE}@z3+aot+short": TOL, f"{STRUCTURE}@z3+bf16+short": 2e-3}
+    torchrun(2, tmp_path, [*runs, *short], [*tiny(tiny_store), *topology(2, 1, 1)])
     for run in runs:
         _follows(native, tmp_path / run)
+    for run, tol in short.items():
+        _follows(native, tmp_path / run, range(1, 6), tol)
     # ZeRO-3 stopped at step 10 and resumed at the same topology: the straight run's losses, exactly
     resumed = tmp_path / "resumed"
     torchrun(2, resumed, [f"{STRUCTURE}@z3"], [*tiny(tiny_store), *topology(2, 1, 1), "train.exit_after_steps=10"])
@@ -47,9 +53,10 @@ def test_zero_stages_follow_native_adamw_and_resume_exactly(native, tiny_store, 
 
 
 def test_zero_with_tensor_parallelism_follows_native_and_its_weights_load_anywhere(native, tiny_store, tmp_path):
-    run = f"{STRUCTURE}@z2"
-    torchrun(4, tmp_path, [run], [*tiny(tiny_store), *topology(2, 2, 1)])
+    run, sp = f"{STRUCTURE}@z2", f"{STRUCTURE}@z1+sp+ckpt-full+short"
+    torchrun(4, tmp_path, [run, sp], [*tiny(tiny_store), *topology(2, 2, 1)])
     _follows(native, tmp_path / run)
+    _follows(native, tmp_path / sp, range(1, 6))
     ckpt = tmp_path / run / "checkpoints" / "step_000020"
     base = [*tiny(tiny_store, steps=22), f"model.structure={{default: {STRUCTURES[STRUCTURE]}}}",
             f"checkpoint.resume={ckpt}"]
