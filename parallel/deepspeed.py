@@ -75,6 +75,24 @@ def deepspeed_config(zero_stage: int, offload_optimizer: bool, offload_params: b
             "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
 
 
+_HOST_OPTIMIZER_BUFFERS = (
+    "single_partition_of_fp32_groups", "param_buffer_of_bit16_for_cpu_offload_groups",  # ZeRO-1/2
+    "temp_grad_buffer_for_cpu_offload", "accumulated_grads_in_cpu",
+    "fp32_partitioned_groups_flat", "grad_partitions_flat_buffer")  # ZeRO-3
+"""The ZeRO optimizers' attributes that DeepSpeed allocates on the host when the optimizer is offloaded."""
+
+
+def _flat_tensors(items):
+    """The tensors in ``items``: tensors, and lists, tuples and dict values of them (nested)."""
+    for item in items:
+        if torch.is_tensor(item):
+            yield item
+        elif isinstance(item, dict):
+            yield from _flat_tensors(item.values())
+        elif isinstance(item, (list, tuple)):
+            yield from _flat_tensors(item)
+
+
 class DeepSpeedOptimizer:
     """The DeepSpeed engine around this rank's (tensor-parallel, single-stage) model, behind the trainer's optimizer
     interface (``param_groups`` for the LR schedule, ``state_bytes``, ``ownership``), plus ``train_batch``: one
@@ -138,23 +156,26 @@ class DeepSpeedOptimizer:
         return total
 
     def offloaded_bytes(self) -> int:
-        """Bytes this rank keeps on DeepSpeed's offload device (the host): with ``offload_optimizer`` its fp32
-        master partition, that partition's gradient and the optimizer state; with ``offload_params`` its parameter
-        partitions. On a GPU they are what offload takes off the device."""
-        def nbytes(t) -> int:
-            return t.numel() * t.element_size() if torch.is_tensor(t) else 0
-
+        """Bytes this rank keeps on DeepSpeed's offload device (the host), each storage once: with
+        ``offload_optimizer`` the fp32 master partition and its gradients, the optimizer state and the host
+        staging buffers; with ``offload_params`` the parameter partitions and their host buffers. On a GPU they
+        are what offload takes off the device."""
         def offloaded(cfg) -> bool:
             return cfg is not None and str(getattr(cfg.device, "value", cfg.device)) == "cpu"
 
-        total = 0
+        tensors = []
         if offloaded(self.engine.zero_offload_optimizer()):
-            masters = (getattr(self.zero, "fp32_partitioned_groups_flat", None)
-                       or getattr(self.zero, "single_partition_of_fp32_groups", []))
-            total += self.state_bytes() + sum(nbytes(m) + nbytes(m.grad) for m in masters)
+            tensors += [t for state in self.zero.state.values() for t in state.values()]
+            tensors += [getattr(self.zero, name, None) for name in _HOST_OPTIMIZER_BUFFERS]
         if offloaded(self.engine.zero_offload_param()):
-            total += sum(nbytes(getattr(p, "ds_tensor", None)) for p in self.engine.module.parameters())
-        return total
+            tensors += [getattr(p, "ds_tensor", None) for p in self.engine.module.parameters()]
+            tensors.append(getattr(self.zero, "param_groups_fp16_flat_cpu_memory", None))
+        storages = {}
+        for t in _flat_tensors(tensors):
+            for u in (t, t.grad):
+                if u is not None and u.numel():
+                    storages[u.untyped_storage().data_ptr()] = u.untyped_storage().nbytes()
+        return sum(storages.values())
 
     def ownership(self) -> dict:
         return {"imbalance": 1.0}  # ZeRO partitions every tensor evenly over dp

@@ -5,6 +5,7 @@ Usage:
     python tools/bench_memory.py                                   # gpt2-small-blast shapes, every table
     python tools/bench_memory.py --config configs/gpt2-small-dense.yaml --plot docs/bench-memory.png
     python tools/bench_memory.py --tables startup --topologies 1x1,2x1,4x1
+    python tools/bench_memory.py --tables engines --engine-dp 2,4 --plot-engines docs/bench-memory-engines.png
 
 Memory is what ``torch.distributed._tools.mem_tracker.MemTracker`` counts: the bytes of live tensors on this
 rank (CPU here, CUDA on a GPU), its peak while the model is built or while a step runs. Each topology runs under
@@ -56,6 +57,7 @@ def parse_args(argv=None):
     ap.add_argument("--engine-dp", default="2,4", help="data-parallel sizes of the engines table")
     ap.add_argument("--engine-precisions", default="fp32,bf16", help="train.precision values of the engines table")
     ap.add_argument("--plot", help="PNG of the start-up table (peak per rank against tp x pp)")
+    ap.add_argument("--plot-engines", help="PNG of the engines tables (kept, on the device, peak per engine)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="more config overrides")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "OUT"), help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -211,7 +213,9 @@ def _steps(args, argv, kind: str, tmp) -> None:
                                              ("step", "step above weights", MiB, ",.1f"), ("s", "step s", 1, ".2f")])
 
 
-def _engines(args, argv, tmp) -> None:
+def _engines(args, argv, tmp) -> list[tuple[str, dict]]:
+    """The engines tables; (title, the largest rank's values by engine) per dp and precision."""
+    groups = []
     for dp in (int(v) for v in args.engine_dp.split(",")):
         for precision in args.engine_precisions.split(","):
             ranks = _launch(args, argv, f"engines:{dp}:{precision}", dp, tmp)
@@ -220,6 +224,27 @@ def _engines(args, argv, tmp) -> None:
             _ratio_table(ranks, "engine", "native", [("kept", "kept after the step", MiB, ",.0f"),
                                                      ("device", "on the device", MiB, ",.0f"),
                                                      ("peak", "peak", MiB, ",.0f")])
+            groups.append((f"dp={dp}, {precision}", {name: {key: max(r[name][key] for r in ranks)
+                                                            for key in ranks[0][name]} for name in ranks[0]}))
+    return groups
+
+
+def _plot_engines(groups: list[tuple[str, dict]], path: str) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4), sharey=True, squeeze=False)
+    for ax, (title, values) in zip(axes[0], groups):
+        names = list(values)
+        xs = range(len(names))
+        for shift, key, label in ((-0.27, "kept", "kept after the step"), (0.0, "device", "on the device"),
+                                  (0.27, "peak", "peak")):
+            ax.bar([x + shift for x in xs], [values[n][key] / MiB for n in names], 0.27, label=label)
+        ax.set_xticks(list(xs), names, rotation=35, ha="right")
+        ax.set_title(title)
+    axes[0][0].set_ylabel("MiB per rank")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"\nwrote {path}")
 
 
 def _ratio_table(ranks: list[dict], label: str, base_name: str, columns: list[tuple[str, str, float, str]]) -> None:
@@ -236,12 +261,17 @@ def _ratio_table(ranks: list[dict], label: str, base_name: str, columns: list[tu
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
-def _plot(rows: list[dict], path: str) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _plot(rows: list[dict], path: str) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = [f"{r['tp']}x{r['pp']}" for r in rows]
     xs = range(len(rows))
@@ -279,16 +309,17 @@ def main(argv=None) -> int:
     if errors:
         print("\n".join(f"error: {e}" for e in errors), file=sys.stderr)
         return 2
-    worker_argv = [a for a in argv if a != "--plot" and not a.endswith(".png")]
+    worker_argv = [a for a in argv if a not in ("--plot", "--plot-engines") and not a.endswith(".png")]
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         rows = _startup(args, worker_argv, tmp) if "startup" in tables else []
         for kind in ("activations", "sequence"):
             if kind in tables:
                 _steps(args, worker_argv, kind, tmp)
-        if "engines" in tables:
-            _engines(args, worker_argv, tmp)
+        groups = _engines(args, worker_argv, tmp) if "engines" in tables else []
     if args.plot and rows:
         _plot(rows, args.plot)
+    if args.plot_engines and groups:
+        _plot_engines(groups, args.plot_engines)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""launch/: dry runs print the exact commands; torchrun.sh really trains on two gloo processes."""
+"""launch/: dry runs print the exact commands; torchrun.sh and DeepSpeed's launcher (one node and two) really train
+on two gloo processes."""
 
 import os
 import subprocess
@@ -76,17 +77,37 @@ def test_deepspeed_dry_run_prints_single_and_multi_node_commands(tmp_path):
     assert out.returncode == 0, out.stderr
     assert (f"deepspeed --hostfile {hosts} --exclude node2:7 --num_nodes 2 --master_addr node1 --master_port 29600 "
             "--no_local_rank --module pretrain.train --config configs/gpt2-small-blast.yaml") in out.stdout
+    out = run(["bash", "launch/deepspeed.sh", "--dry-run"], HOSTFILE=str(hosts), NODE_RANK="1", MASTER_ADDR="node1")
+    assert "--hostfile " in out.stdout and "--no_ssh --node_rank 1 --master_addr node1" in out.stdout
     bad = run(["bash", "launch/deepspeed.sh", "--dry-run"], INCLUDE="node1:0")
     assert bad.returncode == 2 and "set HOSTFILE too" in bad.stderr
+    bad = run(["bash", "launch/deepspeed.sh", "--dry-run"], HOSTFILE=str(hosts), NODE_RANK="1")
+    assert bad.returncode == 2 and "needs HOSTFILE and MASTER_ADDR" in bad.stderr
 
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_deepspeed_launcher_trains_with_zero(tiny_store, tmp_path):
+def test_deepspeed_launcher_trains_with_zero_on_one_node_and_on_two(tiny_store, tmp_path):
+    """ZeRO-3 at dp=2 by DeepSpeed's launcher: 2 processes on one node, then 2 "nodes" of one process each on
+    this machine (a hostfile and ``NODE_RANK``, DeepSpeed's no-ssh mode, rendezvous over TCP): the same losses."""
     pytest.importorskip("deepspeed")
-    over = [o for o in tiny_overrides(tiny_store, tmp_path / "run", **{"train.steps": 3, "train.eval_interval": 3})]
-    args = [x for o in over for x in ("--set", o)]
-    out = run(["bash", "launch/deepspeed.sh", "--config", "configs/tiny-cpu.yaml", *args, "--set", "parallel.dp=2",
-               "--set", "parallel.deepspeed.zero_stage=3"], NPROC="2")
+    from tests.conftest import losses
+
+    def args(out):
+        over = tiny_overrides(tiny_store, out, **{"train.steps": 3, "train.eval_interval": 3})
+        return ["--config", "configs/tiny-cpu.yaml", *(x for o in over for x in ("--set", o)), "--set",
+                "parallel.dp=2", "--set", "parallel.deepspeed.zero_stage=3"]
+
+    out = run(["bash", "launch/deepspeed.sh", *args(tmp_path / "one")], NPROC="2")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert (tmp_path / "run" / "checkpoints" / "step_000003" / "manifest.json").exists()
+    assert (tmp_path / "one" / "checkpoints" / "step_000003" / "manifest.json").exists()
+    hosts = tmp_path / "hosts"
+    hosts.write_text("nodeA slots=1\nnodeB slots=1\n")
+    env = {**{k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}, "HOSTFILE": str(hosts),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    nodes = [subprocess.Popen(["bash", "launch/deepspeed.sh", *args(tmp_path / "two")], cwd=ROOT, text=True,
+                              env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for rank in (0, 1)]
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert losses(tmp_path / "two") == losses(tmp_path / "one") and sorted(losses(tmp_path / "one")) == [1, 2, 3]

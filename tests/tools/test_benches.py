@@ -47,6 +47,20 @@ def test_bench_memory_startup_falls_with_tp(capsys):
     assert bench_memory.main(["--tables", "nope"]) == 2
 
 
+@pytest.mark.slow
+def test_bench_memory_engines_show_what_zero3_and_offload_leave_on_the_device(tmp_path, capsys):
+    pytest.importorskip("deepspeed")
+    plot = tmp_path / "engines.png"
+    args = ["--config", str(ROOT / "configs/tiny-cpu.yaml"), "--vocab-size", "512", "--tables", "engines",
+            "--engine-dp", "2", "--engine-precisions", "fp32", "--seq-len", "64", "--plot-engines", str(plot)]
+    assert bench_memory.main(args) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert list(rows) == list(bench_memory.ENGINES) and rows["native"][1] == "1.00"
+    assert float(rows["zero3+offload"][3]) < 0.5  # on the device: parameters and optimizer partitions went to host
+    assert plot.stat().st_size > 0
+    assert bench_memory.main(["--tables", "engines", "--engine-precisions", "fp16"]) == 2
+
+
 def test_bench_step_times_checkpointing_against_none(tiny_store, capsys):
     args = ["--configs", str(ROOT / "configs/tiny-cpu.yaml"), "--steps", "4", "--checkpointing", "none,full",
             "--modes", "eager", "--data", str(tiny_store), "--set", "train.micro_batch=4", "--set",
