@@ -146,14 +146,14 @@ class DeepSpeedOptimizer:
         return total / steps, float(norm) if norm is not None else float("nan")
 
     def state_bytes(self) -> int:
-        """Optimizer-state bytes this rank holds (its ZeRO partition)."""
-        seen, total = set(), 0
-        for state in self.zero.state.values() if hasattr(self.zero, "state") else []:
-            for t in state.values():
-                if torch.is_tensor(t) and id(t) not in seen:
-                    seen.add(id(t))
-                    total += t.numel() * t.element_size()
-        return total
+        """Optimizer-state bytes this rank holds (its ZeRO partition); before the first step, which allocates
+        them, AdamW's two fp32 moments of this rank's fp32 master partition."""
+        state = list(_flat_tensors(list(self.zero.state.values())))
+        if state:
+            return sum(t.numel() * t.element_size() for t in {id(t): t for t in state}.values())
+        masters = (getattr(self.zero, "fp32_partitioned_groups_flat", None)
+                   or getattr(self.zero, "single_partition_of_fp32_groups", []))
+        return 2 * sum(m.numel() * 4 for m in masters)
 
     def offloaded_bytes(self) -> int:
         """Bytes this rank keeps on DeepSpeed's offload device (the host), each storage once: with
