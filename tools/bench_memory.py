@@ -9,7 +9,7 @@ Usage:
 
 Memory is what ``torch.distributed._tools.mem_tracker.MemTracker`` counts: the bytes of live tensors on this
 rank (CPU here, CUDA on a GPU), its peak while the model is built or while a step runs. Each topology runs under
-torchrun with tp x pp gloo processes (OMP_NUM_THREADS=1).
+torchrun with tp x pp gloo processes (OMP_NUM_THREADS=1), or with ``--device cuda`` NCCL processes, one GPU each.
 
 - ``startup``: for each ``TPxPP``, the peak while building the model the Trainer's way (on ``meta``, each rank
   fills only its shards and stages) and the old way (every rank initialises the whole model, then slices it),
@@ -24,7 +24,8 @@ torchrun with tp x pp gloo processes (OMP_NUM_THREADS=1).
   ZeRO-1) against DeepSpeed's ZeRO-1, 2 and 3, ZeRO-2 with the optimizer offloaded and ZeRO-3 with parameters and
   optimizer offloaded: the bytes a rank keeps after a step (parameters, gradients, optimizer state), the part of
   them left on the training device when what DeepSpeed offloads goes to the host (computed here, where the device
-  is the host; measured on a GPU), and its peak while building and stepping.
+  is the host; measured with ``--device cuda``: the bytes on the GPU), and its peak on the training device while
+  building and stepping.
 """
 
 import argparse
@@ -58,6 +59,7 @@ def parse_args(argv=None):
     ap.add_argument("--engine-precisions", default="fp32,bf16", help="train.precision values of the engines table")
     ap.add_argument("--plot", help="PNG of the start-up table (peak per rank against tp x pp)")
     ap.add_argument("--plot-engines", help="PNG of the engines tables (kept, on the device, peak per engine)")
+    ap.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, one GPU per process)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="more config overrides")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "OUT"), help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -67,15 +69,21 @@ def _overrides(args, tp: int = 1, pp: int = 1, **extra) -> list[str]:
     base = {"model.vocab_size": args.vocab_size, "data.seq_len": args.seq_len,
             "model.max_seq_len": max(args.seq_len, 1024), "train.micro_batch": args.micro_batch,
             "train.global_batch": args.micro_batch * pp, "parallel.tp": tp, "parallel.pp": pp,
-            "train.device": "cpu"}
+            "train.device": args.device}
     base.update(extra)
     return [*(f"{k}={v}" for k, v in base.items()), *args.overrides]
 
 
-def _peak(tracker, kind: str = "peak") -> int:
-    """The tracked bytes on the devices that hold memory (the ``meta`` model is tracked too, holds none)."""
-    return max((stats["Total"] for dev, stats in tracker.get_tracker_snapshot(kind).items() if dev.type != "meta"),
-               default=0)
+def _peak(tracker, kind: str = "peak", device: str | None = None) -> int:
+    """The tracked bytes on the devices that hold memory (the ``meta`` model is tracked too, holds none), the
+    largest of them, or of the devices of type ``device`` only."""
+    return max((stats["Total"] for dev, stats in tracker.get_tracker_snapshot(kind).items()
+                if dev.type != "meta" and (device is None or dev.type == device)), default=0)
+
+
+def _total(tracker, kind: str = "current") -> int:
+    """The tracked bytes summed over the devices (on a GPU: device and host)."""
+    return sum(stats["Total"] for dev, stats in tracker.get_tracker_snapshot(kind).items() if dev.type != "meta")
 
 
 def _worker(args, kind: str, out: str) -> None:
@@ -87,18 +95,23 @@ def _worker(args, kind: str, out: str) -> None:
     from pretrain.config import load_config
     from pretrain.train import build_meta, build_parallel
 
-    dist.init_process_group("gloo")  # also for one process: the results are gathered the same way
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    # also for one process: the results are gathered the same way
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
     result = {}
     if kind.startswith("startup"):
         tp, pp = (int(v) for v in kind.split(":")[1].split("x"))
         cfg = load_config(args.config, _overrides(args, tp, pp))
         dims = ParallelDims(1, tp, pp)
-        dims.build_mesh("cpu")
+        dims.build_mesh(device.type)
         for sharded in (True, False):
             tracker = MemTracker()
             with tracker:
-                model, *_ = build_parallel(cfg, dims, torch.device("cpu"), cfg.train.global_batch, sharded=sharded)
+                model, *_ = build_parallel(cfg, dims, device, cfg.train.global_batch, sharded=sharded)
             local = sum(t.numel() * t.element_size() for t in model.named_tensors().values())
             result["sharded" if sharded else "full"] = _peak(tracker)
             result["local"] = local
@@ -110,18 +123,18 @@ def _worker(args, kind: str, out: str) -> None:
         from pretrain.train import deepspeed_optimizer
 
         dp, precision = int(kind.split(":")[1]), kind.split(":")[2]
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
         for name, extra in ENGINES.items():
             cfg = load_config(args.config, _overrides(args, 1, 1, **{"parallel.dp": dp, "train.precision": precision,
                                                                      "train.global_batch": dp * args.micro_batch},
                                                       **extra))
             dims = ParallelDims(dp, 1, 1)
-            dims.build_mesh("cpu")
+            dims.build_mesh(device.type)
             tracker = MemTracker()
             with tracker:
-                model, *_ = build_parallel(cfg, dims, torch.device("cpu"), args.micro_batch)
+                model, *_ = build_parallel(cfg, dims, device, args.micro_batch)
                 gen = torch.Generator().manual_seed(0)
-                x = torch.randint(0, args.vocab_size, (args.micro_batch, args.seq_len), generator=gen)
+                x = torch.randint(0, args.vocab_size, (args.micro_batch, args.seq_len), generator=gen).to(device)
                 if cfg.parallel.engine == "deepspeed":
                     opt = deepspeed_optimizer(cfg, model, args.micro_batch, precision == "bf16")
                     opt.train_batch(x, x, autocast)
@@ -133,8 +146,10 @@ def _worker(args, kind: str, out: str) -> None:
                     model.reduce_and_clip(1.0, opt.owners)
                     opt.step()
                     offloaded = 0
-                kept = _peak(tracker, "current")
-            result[name] = {"kept": kept, "peak": _peak(tracker), "device": kept - offloaded}
+                kept = _total(tracker)
+                # on a GPU the tracker sees the device apart; here the device is the host, so subtract the offload
+                on_device = (_peak(tracker, "current", "cuda") if device.type == "cuda" else kept - offloaded)
+            result[name] = {"kept": kept, "peak": _peak(tracker, "peak", device.type), "device": on_device}
             del model, opt
     else:
         variants = {"activations": [("none", {}), ("full", {"train.activation_checkpointing": "full"}),
@@ -144,19 +159,22 @@ def _worker(args, kind: str, out: str) -> None:
         for name, extra in variants:
             cfg = load_config(args.config, _overrides(args, tp, 1, **extra))
             dims = ParallelDims(1, tp, 1)
-            dims.build_mesh("cpu")
-            model, *_ = build_parallel(cfg, dims, torch.device("cpu"), args.micro_batch)
+            dims.build_mesh(device.type)
+            model, *_ = build_parallel(cfg, dims, device, args.micro_batch)
             gen = torch.Generator().manual_seed(0)
-            x = torch.randint(0, args.vocab_size, (args.micro_batch, args.seq_len), generator=gen)
-            y = torch.randint(0, args.vocab_size, (args.micro_batch, args.seq_len), generator=gen)
-            model.forward_backward(x, y, torch.autocast("cpu", enabled=False))  # warm-up (lazy init, grads)
+            x = torch.randint(0, args.vocab_size, (args.micro_batch, args.seq_len), generator=gen).to(device)
+            y = torch.randint(0, args.vocab_size, (args.micro_batch, args.seq_len), generator=gen).to(device)
+            autocast = torch.autocast(device.type, enabled=False)
+            model.forward_backward(x, y, autocast)  # warm-up (lazy init, grads)
             tracker = MemTracker()
             for stage in model.stages.values():
                 tracker.track_external(stage)
             with tracker:
                 before = _peak(tracker, "current")
                 start = time.perf_counter()
-                model.forward_backward(x, y, torch.autocast("cpu", enabled=False))
+                model.forward_backward(x, y, autocast)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
                 seconds = time.perf_counter() - start
             peak = tracker.get_tracker_snapshot("peak")
             act = max(stats.get(_act_key(stats), 0) for dev, stats in peak.items() if dev.type != "meta")
@@ -304,6 +322,8 @@ def main(argv=None) -> int:
         errors.append(f"--engine-dp {args.engine_dp}: a comma list of positive integers, e.g. 2,4")
     if any(v not in ("fp32", "bf16") for v in args.engine_precisions.split(",")):
         errors.append(f"--engine-precisions {args.engine_precisions}: allowed values ['fp32', 'bf16']")
+    if args.device not in ("cpu", "cuda"):
+        errors.append(f"--device {args.device}: allowed values ['cpu', 'cuda']")
     if not Path(args.config).is_file():
         errors.append(f"--config {args.config}: no such file")
     if errors:

@@ -16,6 +16,9 @@
 #   4. tools/bench_kernels.py in bf16 (each product's time against dense at the recipes' shapes);
 #   5. a training benchmark per structure at the gpt2-small shape (tools/bench_structures.py, bf16): tokens/s,
 #      MFU on the structure's FLOPs and on the executed FLOPs, peak memory, each against dense.
+#   6. with 2 or more GPUs, memory per GPU of the native engine against DeepSpeed's ZeRO-1/2/3 and offload
+#      (tools/bench_memory.py --device cuda --tables engines, bf16 and fp32, dp = 2 and 4 if there are 4 GPUs),
+#      its plot beside the report.
 # Each step's output goes into the report under its own heading; a failing step is recorded and the rest still run;
 # the exit code is the number of failed steps (2 for bad arguments).
 set -uo pipefail
@@ -90,6 +93,12 @@ step "training benchmark per structure, gpt2-small shape (bf16)" $PY tools/bench
   --config configs/gpt2-small-dense.yaml --steps "$STEPS" --data "$DATA" --set train.precision=bf16 \
   --set train.micro_batch=8 --set train.global_batch=8 --set data.seq_len=1024
 
+if [ "$DRY" = 1 ] || [ "$GPUS" -ge 2 ]; then
+  ENGINE_DP=2; [ "$DRY" = 0 ] && [ "$GPUS" -ge 4 ] && ENGINE_DP=2,4
+  step "memory per GPU: native against DeepSpeed ZeRO-1/2/3 and offload (needs 2 GPUs)" $PY tools/bench_memory.py \
+    --device cuda --tables engines --engine-dp "$ENGINE_DP" --engine-precisions bf16,fp32 \
+    --plot-engines "$(dirname "$REPORT")/engines.png"
+fi
 if [ "$DRY" = 1 ]; then
   echo "GPUs: $GPUS; the NCCL loss-equality test runs when there are 2 or more"
   exit 0

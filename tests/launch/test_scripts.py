@@ -54,11 +54,12 @@ def test_gpu_check_dry_run_prints_every_step():
     out = run(["bash", "tools/gpu_check.sh", "--dry-run", "--cuda", "cu126", "--steps", "50"])
     assert out.returncode == 0, out.stderr
     steps = [line for line in out.stdout.splitlines() if line.startswith("+ [")]
-    assert len(steps) == 7
+    assert len(steps) == 8
     text = out.stdout
     assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" in text
     assert "pytest -q -m gpu tests" in text and "bench_kernels.py --dtype bf16" in text
     assert "bench_structures.py --config configs/gpt2-small-dense.yaml --steps 50" in text
+    assert "bench_memory.py --device cuda --tables engines" in text
     assert not (ROOT / "runs" / "gpu-check").exists()
     bad = run(["bash", "tools/gpu_check.sh", "--steps", "many"])
     assert bad.returncode == 2 and "--steps many" in bad.stderr
