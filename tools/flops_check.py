@@ -13,8 +13,8 @@ structured one. Each row says which difference is expected and checks it; the ex
 hold (a count of ours is wrong, or the profiler changed), 2 on bad arguments.
 
 In the whole model, attention differs by design: we count causal attention (``4 d_attn (T+1)/2`` per token),
-the profiler the full ``T x T`` square (``4 d_attn T``) and RoPE's products; norms, SiLU, gating and residual adds
-are in the profiler's count and not in ours (as in Megatron's and PaLM's MFU).
+the profiler the full ``T x T`` square (``4 d_attn T``; RoPE's products too, where it sees them); norms, SiLU,
+gating and residual adds are in the profiler's count and not in ours (as in Megatron's and PaLM's MFU).
 """
 
 import argparse
