@@ -75,10 +75,11 @@ def deepspeed_config(zero_stage: int, offload_optimizer: bool, offload_params: b
             "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
 
 
-_HOST_OPTIMIZER_BUFFERS = (
-    "single_partition_of_fp32_groups", "param_buffer_of_bit16_for_cpu_offload_groups",  # ZeRO-1/2
-    "temp_grad_buffer_for_cpu_offload", "accumulated_grads_in_cpu",
-    "fp32_partitioned_groups_flat", "grad_partitions_flat_buffer")  # ZeRO-3
+_MASTERS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat")
+"""The ZeRO optimizers' attributes holding a rank's fp32 master partition (ZeRO-1/2, ZeRO-3)."""
+_HOST_OPTIMIZER_BUFFERS = (*_MASTERS, "param_buffer_of_bit16_for_cpu_offload_groups",  # ZeRO-1/2
+                           "temp_grad_buffer_for_cpu_offload", "accumulated_grads_in_cpu",
+                           "grad_partitions_flat_buffer")  # ZeRO-3
 """The ZeRO optimizers' attributes that DeepSpeed allocates on the host when the optimizer is offloaded."""
 
 
@@ -91,6 +92,16 @@ def _flat_tensors(items):
             yield from _flat_tensors(item.values())
         elif isinstance(item, (list, tuple)):
             yield from _flat_tensors(item)
+
+
+def _storage_bytes(tensors) -> int:
+    """The bytes of the storages behind ``tensors`` and their gradients, each storage once."""
+    storages = {}
+    for t in tensors:
+        for u in (t, t.grad):
+            if u is not None and u.numel():
+                storages[u.untyped_storage().data_ptr()] = u.untyped_storage().nbytes()
+    return sum(storages.values())
 
 
 class DeepSpeedOptimizer:
@@ -145,15 +156,17 @@ class DeepSpeedOptimizer:
         norm = self.engine.get_global_grad_norm()
         return total / steps, float(norm) if norm is not None else float("nan")
 
+    def _attributes(self, names) -> list[torch.Tensor]:
+        """The tensors the ZeRO optimizer holds under the attributes ``names`` (those it has)."""
+        return list(_flat_tensors(getattr(self.zero, name, None) for name in names))
+
     def state_bytes(self) -> int:
         """Optimizer-state bytes this rank holds (its ZeRO partition); before the first step, which allocates
         them, AdamW's two fp32 moments of this rank's fp32 master partition."""
-        state = list(_flat_tensors(list(self.zero.state.values())))
+        state = list(_flat_tensors(self.zero.state.values()))
         if state:
-            return sum(t.numel() * t.element_size() for t in {id(t): t for t in state}.values())
-        masters = (getattr(self.zero, "fp32_partitioned_groups_flat", None)
-                   or getattr(self.zero, "single_partition_of_fp32_groups", []))
-        return 2 * sum(m.numel() * 4 for m in masters)
+            return _storage_bytes(state)
+        return 2 * 4 * sum(m.numel() for m in self._attributes(_MASTERS))
 
     def offloaded_bytes(self) -> int:
         """Bytes this rank keeps on DeepSpeed's offload device (the host), each storage once: with
@@ -165,17 +178,11 @@ class DeepSpeedOptimizer:
 
         tensors = []
         if offloaded(self.engine.zero_offload_optimizer()):
-            tensors += [t for state in self.zero.state.values() for t in state.values()]
-            tensors += [getattr(self.zero, name, None) for name in _HOST_OPTIMIZER_BUFFERS]
+            tensors += [*_flat_tensors(self.zero.state.values()), *self._attributes(_HOST_OPTIMIZER_BUFFERS)]
         if offloaded(self.engine.zero_offload_param()):
-            tensors += [getattr(p, "ds_tensor", None) for p in self.engine.module.parameters()]
-            tensors.append(getattr(self.zero, "param_groups_fp16_flat_cpu_memory", None))
-        storages = {}
-        for t in _flat_tensors(tensors):
-            for u in (t, t.grad):
-                if u is not None and u.numel():
-                    storages[u.untyped_storage().data_ptr()] = u.untyped_storage().nbytes()
-        return sum(storages.values())
+            tensors += [*_flat_tensors(getattr(p, "ds_tensor", None) for p in self.engine.module.parameters()),
+                        *self._attributes(["param_groups_fp16_flat_cpu_memory"])]
+        return _storage_bytes(tensors)
 
     def ownership(self) -> dict:
         return {"imbalance": 1.0}  # ZeRO partitions every tensor evenly over dp

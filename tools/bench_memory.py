@@ -239,11 +239,10 @@ def _engines(args, argv, tmp) -> list[tuple[str, dict]]:
             ranks = _launch(args, argv, f"engines:{dp}:{precision}", dp, tmp)
             print(f"\nengines at dp={dp}, {precision} (the largest rank), after one AdamW step of {args.micro_batch} x "
                   f"{args.seq_len} tokens; MiB. 'on the device' is what stays when offloaded bytes leave (on a GPU)\n")
-            _ratio_table(ranks, "engine", "native", [("kept", "kept after the step", MiB, ",.0f"),
-                                                     ("device", "on the device", MiB, ",.0f"),
-                                                     ("peak", "peak", MiB, ",.0f")])
-            groups.append((f"dp={dp}, {precision}", {name: {key: max(r[name][key] for r in ranks)
-                                                            for key in ranks[0][name]} for name in ranks[0]}))
+            worst = _ratio_table(ranks, "engine", "native", [("kept", "kept after the step", MiB, ",.0f"),
+                                                             ("device", "on the device", MiB, ",.0f"),
+                                                             ("peak", "peak", MiB, ",.0f")])
+            groups.append((f"dp={dp}, {precision}", worst))
     return groups
 
 
@@ -265,9 +264,11 @@ def _plot_engines(groups: list[tuple[str, dict]], path: str) -> None:
     print(f"\nwrote {path}")
 
 
-def _ratio_table(ranks: list[dict], label: str, base_name: str, columns: list[tuple[str, str, float, str]]) -> None:
+def _ratio_table(ranks: list[dict], label: str, base_name: str,
+                 columns: list[tuple[str, str, float, str]]) -> dict[str, dict]:
     """One row per variant (the first is the baseline, ``base_name``): each column's value, the largest over
-    ranks, scaled and formatted, then its ratio to the baseline's. ``columns``: (key, title, scale, format)."""
+    ranks, scaled and formatted, then its ratio to the baseline's. ``columns``: (key, title, scale, format).
+    Returns the largest values over ranks by variant and key."""
     print(f"| {label} | " + " | ".join(f"{title} | x {base_name}" for _, title, _, _ in columns) + " |")
     print("|---|" + "---|---|" * len(columns))
     names = list(ranks[0])
@@ -277,6 +278,7 @@ def _ratio_table(ranks: list[dict], label: str, base_name: str, columns: list[tu
         cells = [f"{worst[name][key] / scale:{fmt}} | {worst[name][key] / base[key]:.2f}"
                  for key, _, scale, fmt in columns]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    return worst
 
 
 def _pyplot():
